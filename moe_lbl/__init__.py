@@ -1,0 +1,21 @@
+"""moe-lbl: global-batch load balancing for Mixture-of-Experts training (arXiv 2501.11873)."""
+
+from moe_lbl.engine import BalanceConfig, LoadBalancer
+from moe_lbl.metrics import LayerBalance, max_violation, step_balance
+from moe_lbl.patches.megatron import is_patched, iter_balancers, patch_megatron, unpatch_megatron
+
+__version__ = "0.1.0"
+
+
+def balance_metrics(model) -> list[LayerBalance]:
+    """Per-layer MaxVio (micro-batch and global batch) of the last step of a patched model.
+
+    A collective: call it on every rank, after the step's finalize_model_grads.
+    """
+    return step_balance(iter_balancers(model))
+
+
+__all__ = [
+    "BalanceConfig", "LoadBalancer", "LayerBalance", "balance_metrics", "is_patched",
+    "max_violation", "patch_megatron", "unpatch_megatron",
+]

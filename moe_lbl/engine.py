@@ -1,0 +1,253 @@
+"""The load-balancing engine: micro-, global- and buffered global-batch LBL.
+
+Qiu et al., "Demons in the Detail" (arXiv 2501.11873). For one MoE layer, on data-parallel
+rank r and gradient-accumulation micro-batch j:
+
+    loss_rj = coeff * N_E * sum_i f_i * P_rj,i,   P_rj = (1/T_rj) sum_t s_t
+
+where s_t are the balancing scores of the local tokens and T_rj the valid tokens of the
+sequence group (the ranks that split one sequence: tensor x context parallel). f is a constant:
+
+    micro:            f = c_rj / (k T_rj)                       (counts of the sequence group)
+    global:           f = sum_r c_rj / (k sum_r T_rj)           (counts of the whole batch group)
+    global + buffer:  f = sum_r sum_{j'<=j} c_rj' / (k sum_r sum_{j'<=j} T_rj')   (paper's Alg. 1)
+
+The step objective is the mean of loss_rj over ranks and micro-batches (paper Eq. 6), which the
+caller's loss scale provides. Since f is needed only for the gradient (and the logged value),
+the count all-reduce is launched in forward and waited on in backward when `async_sync` is set.
+
+Nothing here knows Megatron: the caller passes process groups, a loss-scale callable and a
+reporting callable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+SCOPES = ("micro", "global")
+
+# Names under which the loss values are reported; Megatron's training log knows these two.
+MICRO_LOSS_NAME = "load_balancing_loss"
+GLOBAL_LOSS_NAME = "global_load_balancing_loss"
+
+
+def _check_coeff(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    """How the load-balancing loss of every MoE layer is computed.
+
+    scope: "micro" balances each micro-batch (what most frameworks do); "global" balances the
+        global batch: counts are all-reduced over all data-parallel ranks.
+    coeff: weight of the loss of the chosen scope.
+    micro_coeff: with scope="global", adds a micro-batch loss at this weight (the paper's hybrid,
+        Tab. 5; about 1% of coeff there).
+    buffer: with scope="global", accumulate counts over the gradient-accumulation micro-batches
+        of the step (paper's Alg. 1); without it, each micro-batch uses the counts of the
+        micro-batches processed at the same time on all ranks.
+    async_sync: launch the count all-reduce in forward and wait for it only in backward.
+    """
+
+    scope: str = "global"
+    coeff: float = 1e-2
+    micro_coeff: float = 0.0
+    buffer: bool = True
+    async_sync: bool = True
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}: use one of {SCOPES}")
+        _check_coeff("coeff", self.coeff)
+        _check_coeff("micro_coeff", self.micro_coeff)
+        if self.scope == "micro" and self.micro_coeff > 0:
+            raise ValueError(
+                "micro_coeff adds a micro-batch term to the global loss (the hybrid); "
+                "with scope='micro' set coeff instead"
+            )
+        for name in ("buffer", "async_sync"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def terms(self) -> tuple[tuple[str, float, bool], ...]:
+        """(reported name, coefficient, pooled over the batch group) for each non-zero term."""
+        if self.scope == "micro":
+            terms = ((MICRO_LOSS_NAME, self.coeff, False),)
+        else:
+            terms = ((GLOBAL_LOSS_NAME, self.coeff, True), (MICRO_LOSS_NAME, self.micro_coeff, False))
+        return tuple(t for t in terms if t[1] > 0)
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class _PendingSum:
+    """A [N_E + 1] int64 vector (per-expert counts, then tokens), summed over a group, maybe in flight."""
+
+    def __init__(self, local: torch.Tensor, group, async_op: bool):
+        self._work = None
+        if group_size(group) > 1:
+            local = local.clone()
+            self._work = dist.all_reduce(local, group=group, async_op=async_op)
+            if not async_op:
+                self._work = None
+        self._value = local
+
+    def get(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._value
+
+
+@dataclass
+class _MicroBatch:
+    index: int
+    local: torch.Tensor  # [N_E + 1] int64: this rank's counts and valid tokens
+    sequence: _PendingSum  # summed over the sequence group
+    batch: Optional[_PendingSum]  # summed over the batch group (global scope only)
+    score_sum: torch.Tensor  # [N_E] fp32: sum of this rank's balancing scores
+    grad_scale: Callable[[], Union[torch.Tensor, float]]
+    report: Optional[Callable[[str, torch.Tensor], None]]
+    reported: bool = False  # a retained graph may be back-propagated again: report once
+
+
+class LoadBalancer:
+    """Load-balancing loss state of one MoE layer: the step's micro-batches and count buffer.
+
+    sequence_group: ranks that split the tokens of the same sequences (tensor x context
+        parallel); their counts and tokens are summed, as in a plain micro-batch LBL.
+    batch_group: ranks that together hold the global batch (tensor x data x context parallel);
+        used by the global scope and by the global-batch load metric.
+    """
+
+    def __init__(self, config: BalanceConfig, num_experts: int, topk: int,
+                 sequence_group=None, batch_group=None):
+        if not isinstance(config, BalanceConfig):
+            raise TypeError(f"config must be a BalanceConfig, got {type(config).__name__}")
+        if not 1 <= topk <= num_experts:
+            raise ValueError(f"topk must be in [1, num_experts={num_experts}], got {topk}")
+        self.config = config
+        self.num_experts = num_experts
+        self.topk = topk
+        self.sequence_group = sequence_group
+        self.batch_group = batch_group
+        self._terms = config.terms()
+        self._micro_batches: list[_MicroBatch] = []
+        self._batch_prefix: list[torch.Tensor] = []  # running sums of resolved batch vectors
+        self._loads: list[torch.Tensor] = []
+        self.last_step_loads: list[torch.Tensor] = []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._terms)
+
+    def attach(self, probs: torch.Tensor, scores: torch.Tensor, routing_map: torch.Tensor,
+               valid_tokens: Union[int, torch.Tensor],
+               grad_scale: Callable[[], Union[torch.Tensor, float]],
+               report: Optional[Callable[[str, torch.Tensor], None]] = None) -> torch.Tensor:
+        """Register one micro-batch and return `probs` carrying the loss gradient to `scores`.
+
+        scores: [T, N_E] balancing scores (rows of padding tokens zero); routing_map: [T, N_E]
+        top-k mask over those scores (padding rows False); valid_tokens: this rank's non-padding
+        tokens. grad_scale() is read in backward (Megatron's aux-loss scale); report(name, value)
+        receives each term's loss value divided by its coefficient once the counts have arrived.
+        """
+        if scores.dim() != 2 or scores.shape[1] != self.num_experts:
+            raise ValueError(f"scores must be [tokens, {self.num_experts}], got {tuple(scores.shape)}")
+        if routing_map.shape != scores.shape:
+            raise ValueError(f"routing_map {tuple(routing_map.shape)} must match scores {tuple(scores.shape)}")
+        counts = routing_map.sum(dim=0, dtype=torch.int64)
+        tokens = torch.as_tensor(valid_tokens, dtype=torch.int64, device=counts.device).reshape(1)
+        local = torch.cat([counts, tokens])
+        async_op = self.config.async_sync
+        micro_batch = _MicroBatch(
+            index=len(self._micro_batches),
+            local=local,
+            sequence=_PendingSum(local, self.sequence_group, async_op),
+            batch=(_PendingSum(local, self.batch_group, async_op)
+                   if self.config.scope == "global" else None),
+            score_sum=scores.detach().sum(dim=0, dtype=torch.float32),
+            grad_scale=grad_scale,
+            report=report,
+        )
+        self._micro_batches.append(micro_batch)
+        return _AttachLoss.apply(probs, scores, self, micro_batch)
+
+    def record_load(self, tokens_per_expert: torch.Tensor) -> None:
+        """Record this rank's dispatched tokens per expert of one micro-batch, for the metrics."""
+        self._loads.append(tokens_per_expert.detach().to(torch.int64))
+
+    def end_step(self) -> None:
+        """Close the optimizer step: empty the buffer, keep the step's loads for the metrics."""
+        for micro_batch in self._micro_batches:  # never leave a collective in flight
+            micro_batch.sequence.get()
+            if micro_batch.batch is not None:
+                micro_batch.batch.get()
+        self._micro_batches = []
+        self._batch_prefix = []
+        self.last_step_loads = self._loads
+        self._loads = []
+
+    @property
+    def buffered_counts(self) -> Optional[torch.Tensor]:
+        """Global counts and tokens accumulated so far this step (resolved micro-batches only)."""
+        return self._batch_prefix[-1] if self._batch_prefix else None
+
+    def _pooled(self, micro_batch: _MicroBatch) -> torch.Tensor:
+        """Counts and tokens that define f for the global term of this micro-batch."""
+        if not self.config.buffer:
+            return micro_batch.batch.get()
+        while len(self._batch_prefix) <= micro_batch.index:
+            vector = self._micro_batches[len(self._batch_prefix)].batch.get()
+            if self._batch_prefix:
+                vector = self._batch_prefix[-1] + vector
+            self._batch_prefix.append(vector)
+        return self._batch_prefix[micro_batch.index]
+
+    def score_weights(self, micro_batch: _MicroBatch) -> torch.Tensor:
+        """d loss / d s_t,i for every valid local token (the same for all tokens), unscaled.
+
+        Also reports each term's value divided by its coefficient, the first time.
+        """
+        sequence = micro_batch.sequence.get()
+        sequence_tokens = sequence[-1].clamp(min=1).double()
+        weights = torch.zeros(self.num_experts, dtype=torch.float64, device=sequence.device)
+        for name, coeff, pooled in self._terms:
+            totals = self._pooled(micro_batch) if pooled else sequence
+            f = totals[:-1].double() / (self.topk * totals[-1].clamp(min=1).double())
+            scale = self.num_experts / sequence_tokens
+            weights += (coeff * scale) * f
+            if micro_batch.report is not None and not micro_batch.reported:
+                micro_batch.report(name, (scale * (f * micro_batch.score_sum.double()).sum()).float())
+        micro_batch.reported = True
+        return weights
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Identity on probs; in backward, adds the balancing-loss gradient to the scores."""
+
+    @staticmethod
+    def forward(ctx, probs, scores, balancer: LoadBalancer, micro_batch: _MicroBatch):
+        ctx.balancer = balancer
+        ctx.micro_batch = micro_batch
+        ctx.scores_shape = scores.shape
+        ctx.scores_dtype = scores.dtype
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        weights = ctx.balancer.score_weights(ctx.micro_batch)
+        scale = ctx.micro_batch.grad_scale()
+        grad = (weights.to(ctx.scores_dtype) * scale).to(ctx.scores_dtype)
+        return grad_probs, grad.expand(ctx.scores_shape), None, None

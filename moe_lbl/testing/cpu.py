@@ -1,0 +1,57 @@
+"""Shims that let Megatron-Core 0.16 train an MoE model on CPU with gloo (tests and CPU demos).
+
+Never applied silently: only inside `cpu_shims()`, which refuses to run where CUDA is available.
+Each shim names the obstacle it removes (GUIDE.md section 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def _null_fork(self, name=None):
+    yield
+
+
+def _cpu_rng_states():
+    return torch.get_rng_state(), None, {}
+
+
+def _set_cpu_rng_states(cpu_rng_state, cuda_rng_state, cuda_rng_state_tracker):
+    torch.set_rng_state(cpu_rng_state)
+
+
+@contextlib.contextmanager
+def cpu_shims():
+    """Apply the CPU shims for the duration of the block and restore everything after it."""
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_shims() is for CPU-only runs; on a GPU run Megatron-Core as it is")
+    from megatron.core.tensor_parallel import random as mc_random
+    from megatron.core.transformer.moe import moe_utils
+
+    replacements = [
+        # Router buffers and Router.gating place tensors on torch.cuda.current_device().
+        (torch.cuda, "current_device", lambda: "cpu"),
+        # moe_utils references te_general_gemm without TransformerEngine (fixed upstream in 0.17).
+        (moe_utils, "te_general_gemm", getattr(moe_utils, "te_general_gemm", None)),
+        # The model-parallel RNG tracker forks CUDA generator states.
+        (mc_random.CudaRNGStatesTracker, "fork", _null_fork),
+        # Activation recomputation saves and restores CUDA RNG states.
+        (mc_random, "_get_all_rng_states", _cpu_rng_states),
+        (mc_random, "_set_all_rng_states", _set_cpu_rng_states),
+    ]
+    missing = object()
+    saved = [(owner, name, owner.__dict__.get(name, missing)) for owner, name, _ in replacements]
+    try:
+        for owner, name, value in replacements:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            if value is missing:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)

@@ -1,0 +1,295 @@
+"""Runtime adapter: moe-lbl's balancing engine inside Megatron-Core's TopKRouter.
+
+What it changes (and restores on unpatch):
+- TopKRouter._apply_aux_loss: the micro/global/hybrid loss of moe_lbl.engine, one per layer.
+- TopKRouter._apply_global_aux_loss: a no-op; the engine's global term replaces Megatron's
+  (whose gradient is about 1/dp too small, NVIDIA/Megatron-LM #3672, and whose accumulated
+  counts are normalized by the current micro-batch's tokens, #7213).
+- TopKRouter.is_aux_loss_enabled: true when the engine has a term (or seq_aux_loss is set).
+- TopKRouter.routing: records the dispatched tokens per expert for the balance metrics.
+- finalize_model_grads.reset_model_temporary_tensors: also closes every engine's step
+  (empties the count buffer), whatever balancing type is configured.
+Methods are patched on the class (router.py imports moe_utils' functions by name, so patching
+moe_utils would change nothing), guarded by a sentinel attribute.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import weakref
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from packaging.version import Version
+
+from moe_lbl.engine import BalanceConfig, LoadBalancer
+
+SUPPORTED_MIN = (0, 16, 0)
+SUPPORTED_MAX = (0, 17, 0)  # exclusive
+SUPPORTED_RANGE = ">=0.16.0,<0.17.0"
+
+PATCHED_ROUTER_METHODS = ("_apply_aux_loss", "_apply_global_aux_loss", "is_aux_loss_enabled", "routing")
+_FINALIZE_MODULE = "megatron.core.distributed.finalize_model_grads"
+PATCHED_FUNCTIONS = (f"{_FINALIZE_MODULE}.reset_model_temporary_tensors",)
+
+_SENTINEL = "_moe_lbl_patch"
+_BALANCER = "_moe_lbl_balancer"
+
+
+class UnsupportedMegatronVersion(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """The arguments of patch_megatron; coeff None means Megatron's moe_aux_loss_coeff."""
+
+    scope: str = "global"
+    coeff: Optional[float] = None
+    micro_coeff: float = 0.0
+    buffer: bool = True
+    async_sync: bool = True
+
+    def __post_init__(self):
+        # BalanceConfig validates every field; coeff None is checked as 0.
+        BalanceConfig(self.scope, 0.0 if self.coeff is None else self.coeff,
+                      self.micro_coeff, self.buffer, self.async_sync)
+
+
+def megatron_core_version() -> Optional[str]:
+    """The installed megatron-core version, or None if it is not installed."""
+    try:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_megatron_version(version: Optional[str] = None) -> str:
+    """Raise UnsupportedMegatronVersion unless megatron-core is installed in the supported range."""
+    version = megatron_core_version() if version is None else version
+    if version is None:
+        raise UnsupportedMegatronVersion(
+            f"megatron-core is not installed; moe-lbl's patch needs megatron-core{SUPPORTED_RANGE} "
+            "(pip install 'megatron-core==0.16.1')"
+        )
+    if not SUPPORTED_MIN <= Version(version).release[:3] < SUPPORTED_MAX:
+        raise UnsupportedMegatronVersion(
+            f"megatron-core {version} is not supported by moe-lbl's patch "
+            f"(supported: megatron-core{SUPPORTED_RANGE}); nothing was patched. "
+            "Install a supported version, e.g. pip install 'megatron-core==0.16.1'"
+        )
+    return version
+
+
+def _balancing_types(config) -> dict[str, float]:
+    """Megatron's moe_router_load_balancing_type / moe_aux_loss_coeff as {type: coeff}."""
+    types = config.moe_router_load_balancing_type
+    coeffs = config.moe_aux_loss_coeff
+    if isinstance(types, str):
+        types = [types]
+    if not isinstance(coeffs, (list, tuple)):
+        coeffs = [coeffs] * len(types)
+    if len(coeffs) != len(types):
+        raise ValueError(
+            f"moe_aux_loss_coeff {list(coeffs)} must give one coefficient per "
+            f"moe_router_load_balancing_type {list(types)}"
+        )
+    return {t: float(c or 0.0) for t, c in zip(types, coeffs)}
+
+
+def resolve_balance_config(config, options: PatchOptions) -> BalanceConfig:
+    """The engine config for routers built from a Megatron TransformerConfig under these options.
+
+    "aux_loss" takes the patch's scope; "global_aux_loss" is global; both together are the
+    hybrid (global at the global_aux_loss coefficient plus micro at the aux_loss one). An explicit
+    coeff replaces the coefficient of the scope's main term, micro_coeff > 0 the micro term's.
+    """
+    types = _balancing_types(config)
+    aux, global_aux = types.get("aux_loss", 0.0), types.get("global_aux_loss", 0.0)
+    if options.scope == "micro":
+        if global_aux > 0:
+            raise ValueError(
+                "moe_router_load_balancing_type asks for 'global_aux_loss' but patch_megatron was "
+                "given scope='micro': use scope='global', or drop 'global_aux_loss' from the config"
+            )
+        balance = BalanceConfig("micro", aux if options.coeff is None else options.coeff,
+                                0.0, options.buffer, options.async_sync)
+    else:
+        main = global_aux if global_aux > 0 else aux
+        micro = aux if global_aux > 0 else 0.0
+        balance = BalanceConfig(
+            "global",
+            main if options.coeff is None else options.coeff,
+            options.micro_coeff if options.micro_coeff > 0 else micro,
+            options.buffer,
+            options.async_sync,
+        )
+    if "sinkhorn" in types and (balance.scope == "global" or balance.terms()):
+        raise ValueError(
+            "sinkhorn routing balances tokens by itself and takes no load-balancing loss; "
+            f"moe-lbl cannot apply scope={balance.scope!r} to it: use "
+            "moe_router_load_balancing_type='aux_loss' (or 'global_aux_loss'), or unpatch_megatron()"
+        )
+    return balance
+
+
+@dataclass
+class _Patch:
+    options: PatchOptions
+    version: str
+    originals: dict
+    routers: "weakref.WeakSet"
+
+
+_patch: Optional[_Patch] = None
+
+
+def is_patched() -> bool:
+    return _patch is not None
+
+
+def patch_options() -> Optional[PatchOptions]:
+    return None if _patch is None else _patch.options
+
+
+def _num_layers(config) -> int:
+    return config.num_layers + (config.mtp_num_layers or 0)
+
+
+def balancer_of(router) -> LoadBalancer:
+    """The router's engine, built on first use from its config and the patch options."""
+    balancer = getattr(router, _BALANCER, None)
+    if balancer is None:
+        if _patch is None:
+            raise RuntimeError("moe-lbl is not patched into Megatron-Core: call moe_lbl.patch_megatron()")
+        balancer = LoadBalancer(
+            resolve_balance_config(router.config, _patch.options),
+            num_experts=router.config.num_moe_experts,
+            topk=router.topk,
+            sequence_group=router.tp_cp_group,
+            batch_group=router.tp_dp_cp_group,
+        )
+        setattr(router, _BALANCER, balancer)
+        _patch.routers.add(router)
+    return balancer
+
+
+def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+
+    balancer = balancer_of(self)
+    if not balancer.enabled:
+        return probs
+    valid_tokens = routing_map.sum() // self.topk if with_padding_mask else routing_map.shape[0]
+    per_token_loss = self.calculate_per_token_loss
+
+    def grad_scale():
+        # Read at backward time, as Megatron's MoEAuxLossAutoScaler does; with per-token loss
+        # Megatron multiplies the aux loss by the local valid tokens (see attach_and_log_...).
+        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+        scale = 1.0 if scale is None else scale
+        return scale * valid_tokens if per_token_loss else scale
+
+    def report(name, value):
+        save_to_aux_losses_tracker(name, value, self.layer_number, _num_layers(self.config),
+                                   reduce_group=self.tp_cp_group)
+
+    return balancer.attach(probs, scores_for_aux_loss, routing_map, valid_tokens, grad_scale, report)
+
+
+def _apply_global_aux_loss(self, probs, *args, **kwargs):
+    return probs
+
+
+def _is_aux_loss_enabled(self) -> bool:
+    return balancer_of(self).enabled or self.get_aux_loss_coeff("seq_aux_loss") > 0
+
+
+def _routing(self, logits, *args, **kwargs):
+    probs, routing_map = _patch.originals["routing"](self, logits, *args, **kwargs)
+    if self.training and torch.is_grad_enabled():  # once per micro-batch, also under recompute
+        padding_mask = kwargs.get("padding_mask", args[0] if args else None)
+        load = routing_map
+        if padding_mask is not None:
+            load = routing_map & ~padding_mask.reshape(-1, 1)
+        balancer_of(self).record_load(load.sum(dim=0))
+    return probs, routing_map
+
+
+def _reset_model_temporary_tensors(config, model):
+    _patch.originals["reset_model_temporary_tensors"](config, model)
+    for chunk in model:
+        for module in chunk.modules():
+            balancer = getattr(module, _BALANCER, None)
+            if balancer is not None:
+                balancer.end_step()
+
+
+def iter_balancers(model) -> Iterator[tuple[int, LoadBalancer]]:
+    """(layer_number, engine) for every router of a model (or a list of model chunks)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for module in chunk.modules():
+            balancer = getattr(module, _BALANCER, None)
+            if balancer is not None:
+                yield module.layer_number, balancer
+
+
+def patch_megatron(scope: str = "global", coeff: Optional[float] = None, micro_coeff: float = 0.0,
+                   buffer: bool = True, async_sync: bool = True, config=None) -> PatchOptions:
+    """Make every Megatron-Core TopKRouter compute moe-lbl's load-balancing loss.
+
+    Idempotent for the same arguments; new arguments re-apply the patch (routers rebuild their
+    engine on their next forward). With a TransformerConfig as `config`, the mapping of its
+    balancing flags is checked now instead of at the first forward. Nothing is patched if any
+    check fails.
+    """
+    global _patch
+    options = PatchOptions(scope, coeff, micro_coeff, buffer, async_sync)
+    version = check_megatron_version()
+    if config is not None:
+        resolve_balance_config(config, options)
+    if _patch is not None:
+        if _patch.options == options:
+            return options
+        unpatch_megatron()
+
+    finalize_model_grads = importlib.import_module(_FINALIZE_MODULE)
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    missing = [m for m in PATCHED_ROUTER_METHODS if m not in TopKRouter.__dict__]
+    if missing or not hasattr(finalize_model_grads, "reset_model_temporary_tensors"):
+        raise UnsupportedMegatronVersion(
+            f"megatron-core {version} lacks what the patch replaces ({missing or PATCHED_FUNCTIONS}); "
+            f"supported: megatron-core{SUPPORTED_RANGE}; nothing was patched"
+        )
+    originals = {name: TopKRouter.__dict__[name] for name in PATCHED_ROUTER_METHODS}
+    originals["reset_model_temporary_tensors"] = finalize_model_grads.reset_model_temporary_tensors
+    _patch = _Patch(options, version, originals, weakref.WeakSet())
+    TopKRouter._apply_aux_loss = _apply_aux_loss
+    TopKRouter._apply_global_aux_loss = _apply_global_aux_loss
+    TopKRouter.is_aux_loss_enabled = _is_aux_loss_enabled
+    TopKRouter.routing = _routing
+    finalize_model_grads.reset_model_temporary_tensors = _reset_model_temporary_tensors
+    setattr(TopKRouter, _SENTINEL, options)
+    return options
+
+
+def unpatch_megatron() -> None:
+    """Restore every original and drop the engines of live routers. A no-op when not patched."""
+    global _patch
+    if _patch is None:
+        return
+    finalize_model_grads = importlib.import_module(_FINALIZE_MODULE)
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    for name in PATCHED_ROUTER_METHODS:
+        setattr(TopKRouter, name, _patch.originals[name])
+    finalize_model_grads.reset_model_temporary_tensors = _patch.originals["reset_model_temporary_tensors"]
+    delattr(TopKRouter, _SENTINEL)
+    for router in list(_patch.routers):
+        getattr(router, _BALANCER).end_step()
+        delattr(router, _BALANCER)
+    _patch = None
