@@ -189,7 +189,12 @@ class LoadBalancer:
         self._loads.append(tokens_per_expert.detach().to(torch.int64))
 
     def end_step(self) -> None:
-        """Close the optimizer step: empty the buffer, keep the step's loads for the metrics."""
+        """Close the optimizer step: empty the buffer, keep the step's loads for the metrics.
+
+        A step that recorded nothing (a second reset, an evaluation-only step) changes nothing.
+        """
+        if not self._micro_batches and not self._loads:
+            return
         for micro_batch in self._micro_batches:  # never leave a collective in flight
             micro_batch.sequence.get()
             if micro_batch.batch is not None:

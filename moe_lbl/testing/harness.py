@@ -196,3 +196,40 @@ def spawn(fn: Callable, world_size: int, *args, timeout: float = 600) -> list:
         if errors:
             raise RuntimeError("\n".join(errors))
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def build_router(num_experts: int = 8, topk: int = 2, **overrides):
+    """A training-mode TopKRouter (layer 1 of 1) on Megatron's default process groups."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(num_layers=1, hidden_size=16, num_attention_heads=1, num_moe_experts=num_experts,
+                  moe_router_topk=topk, moe_router_load_balancing_type="aux_loss",
+                  moe_aux_loss_coeff=1e-2, use_cpu_initialization=True, add_bias_linear=False)
+    kwargs.update(overrides)
+    router = TopKRouter(TransformerConfig(**kwargs), pg_collection=get_default_pg_collection())
+    router.set_layer_number(1)
+    return router.train()
+
+
+def take_tracker() -> dict:
+    """Megatron's per-layer aux-loss tracker values so far (per name), then cleared."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    values = {name: entry["values"].clone() for name, entry in get_moe_layer_wise_logging_tracker().items()}
+    clear_aux_losses_tracker()
+    return values
+
+
+def synthetic_batches(step: int, rank: int, num_micro_batches: int, micro_batch_size: int,
+                      seq_length: int, vocab_size: int) -> list[MicroBatch]:
+    """Learnable token streams (arithmetic progressions mod vocab), distinct per step and rank."""
+    g = torch.Generator().manual_seed(1_000_003 * step + 7919 * rank)
+    batches = []
+    for _ in range(num_micro_batches):
+        start = torch.randint(0, vocab_size, (micro_batch_size, 1), generator=g)
+        stride = torch.randint(1, 5, (micro_batch_size, 1), generator=g)
+        seq = (start + stride * torch.arange(seq_length + 1)) % vocab_size
+        batches.append(MicroBatch(seq[:, :-1], seq[:, 1:], torch.ones(micro_batch_size, seq_length)))
+    return batches

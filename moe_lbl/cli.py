@@ -1,0 +1,92 @@
+"""The `moe-lbl` command line: `info` for bug reports, `demo` for the main job."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import platform
+import sys
+
+MAIN_JOB = "bash scripts/setup.sh && .venv/bin/moe-lbl demo"
+
+
+def _version(*distributions: str) -> str:
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def info_lines() -> list[str]:
+    import torch
+
+    from moe_lbl import __version__
+    from moe_lbl.patches import megatron as patch
+
+    cuda = (f"{torch.version.cuda}, {torch.cuda.device_count()} device(s): "
+            f"{', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))}"
+            if torch.cuda.is_available() else f"not available (torch built with CUDA {torch.version.cuda})")
+    # The PyPI package called "apex" is an unrelated web toolkit: NVIDIA's has apex.normalization.
+    apex = ("NVIDIA apex" if importlib.util.find_spec("apex") and importlib.util.find_spec("apex.normalization")
+            else "not installed")
+    try:
+        supported = f"yes ({patch.check_megatron_version()})"
+    except patch.UnsupportedMegatronVersion as error:
+        supported = f"no: {error}"
+    lines = [
+        f"moe-lbl            {__version__}",
+        f"python             {platform.python_version()} ({sys.executable})",
+        f"torch              {_version('torch')}",
+        f"triton             {_version('triton')}",
+        f"megatron-core      {_version('megatron-core')}",
+        f"transformer-engine {_version('transformer-engine', 'transformer_engine')}",
+        f"apex               {apex}",
+        f"CUDA               {cuda}",
+        f"patch supported    {supported}",
+        "patch changes      " + ", ".join(
+            [f"TopKRouter.{m}" for m in patch.PATCHED_ROUTER_METHODS] + list(patch.PATCHED_FUNCTIONS)),
+        f"main job           {MAIN_JOB}",
+    ]
+    return lines
+
+
+def _demo(args) -> int:
+    from moe_lbl.demo import DemoOptions, run, summary_table
+
+    try:
+        options = DemoOptions(steps=args.steps, ranks=args.ranks, micro_batches=args.micro_batches,
+                              micro_batch_size=args.micro_batch_size, num_experts=args.experts,
+                              topk=args.topk, coeff=args.coeff, seed=args.seed, scopes=tuple(args.scopes))
+    except ValueError as error:
+        print(f"moe-lbl demo: {error}", file=sys.stderr)
+        return 2
+    print(summary_table(run(options)))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-lbl", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, CUDA and patch support, for bug reports")
+    demo = commands.add_parser("demo", help="train a small Megatron-Core GPT-MoE on CPU, micro vs global balance")
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--ranks", type=int, default=2, help="data-parallel gloo ranks")
+    demo.add_argument("--micro-batches", type=int, default=4, help="gradient-accumulation micro-batches per step")
+    demo.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
+    demo.add_argument("--experts", type=int, default=8)
+    demo.add_argument("--topk", type=int, default=2)
+    demo.add_argument("--coeff", type=float, default=1e-2, help="load-balancing loss coefficient")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--scopes", nargs="+", default=["micro", "global"], choices=["micro", "global"])
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print("\n".join(info_lines()))
+        return 0
+    return _demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+import os
+import tempfile
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """A one-rank gloo world with Megatron's parallel state and the CPU shims, in this process."""
+    from moe_lbl.testing.harness import distributed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with distributed(0, 1, os.path.join(tmp, "init")):
+            yield
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    """Every test starts unpatched, with an empty aux-loss tracker and a fresh seed."""
+    import moe_lbl
+
+    moe_lbl.unpatch_megatron()
+    torch.manual_seed(0)
+    yield
+    moe_lbl.unpatch_megatron()
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()

@@ -1,0 +1,122 @@
+"""Patch lifecycle on Megatron-Core: recompute, per-step reset, patch/unpatch, bad input."""
+
+import importlib
+
+import pytest
+import torch
+
+import moe_lbl
+from moe_lbl.patches import megatron as patch_module
+from moe_lbl.testing.harness import TinyGPT, build_gpt, build_router, forward_loss, synthetic_batches, train_step, wrap_ddp
+
+
+def one_micro_batch(spec, seed=0):
+    return synthetic_batches(seed, 0, 1, 2, spec.seq_length, spec.vocab_size)[0]
+
+
+@pytest.mark.parametrize("recompute", [
+    dict(recompute_granularity="selective", recompute_modules=["moe"]),
+    dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+], ids=["selective-moe", "full"])
+def test_counts_are_not_doubled_under_recompute(megatron_world, recompute):
+    moe_lbl.patch_megatron(scope="global")
+    spec = TinyGPT()
+    batch = one_micro_batch(spec)
+    buffers = []
+    for overrides in ({}, recompute):
+        model, _ = build_gpt(TinyGPT(overrides=overrides))
+        forward_loss(model, batch).backward()
+        balancers = [b for _, b in moe_lbl.iter_balancers(model)]
+        assert len(balancers) == spec.num_layers
+        buffers.append([b.buffered_counts.clone() for b in balancers])
+        assert all(len(b._loads) == 1 for b in balancers)  # one recorded load per micro-batch
+    num_tokens = batch.tokens.numel()
+    for plain, recomputed in zip(*buffers):
+        assert torch.equal(plain, recomputed)
+        assert int(recomputed[-1]) == num_tokens and int(recomputed[:-1].sum()) == spec.topk * num_tokens
+
+
+@pytest.mark.parametrize("balancing_type", ["aux_loss", "global_aux_loss"])
+def test_buffer_is_emptied_by_finalize_model_grads(megatron_world, balancing_type):
+    moe_lbl.patch_megatron(scope="global")
+    spec = TinyGPT(load_balancing_type=balancing_type)
+    model, config = build_gpt(spec)
+    ddp = wrap_ddp(model, config)
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    train_step(ddp, optimizer, synthetic_batches(0, 0, 2, 2, spec.seq_length, spec.vocab_size))
+    balancers = [b for _, b in moe_lbl.iter_balancers(ddp)]
+    assert all(b.buffered_counts is None and len(b.last_step_loads) == 2 for b in balancers)
+    # The next step starts from zero: after one micro-batch the buffer holds just its counts.
+    batch = one_micro_batch(spec, seed=1)
+    forward_loss(ddp, batch).backward()
+    for b in balancers:
+        assert int(b.buffered_counts[-1]) == batch.tokens.numel()
+        assert torch.equal(b.buffered_counts[:-1], b._loads[-1])
+
+
+def patched_objects():
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    finalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    return {name: TopKRouter.__dict__[name] for name in patch_module.PATCHED_ROUTER_METHODS} | {
+        "reset": finalize.reset_model_temporary_tensors}
+
+
+def test_patch_unpatch_round_trip(megatron_world):
+    originals = patched_objects()
+    assert not moe_lbl.is_patched()
+    options = moe_lbl.patch_megatron(scope="global")
+    patched = patched_objects()
+    assert moe_lbl.is_patched() and all(patched[k] is not originals[k] for k in originals)
+    assert moe_lbl.patch_megatron(scope="global") == options and patched_objects() == patched  # idempotent
+    router = build_router()
+    router.routing(torch.randn(4, 1, 8))
+    assert hasattr(router, "_moe_lbl_balancer")
+    moe_lbl.unpatch_megatron()
+    assert not moe_lbl.is_patched() and patched_objects() == originals
+    assert not hasattr(router, "_moe_lbl_balancer")
+    moe_lbl.unpatch_megatron()  # a no-op when not patched
+    moe_lbl.patch_megatron(scope="micro", coeff=0.1)
+    assert patched_objects() == patched
+    moe_lbl.patch_megatron(scope="global", async_sync=False)  # new options re-apply
+    assert patch_module.patch_options().async_sync is False and patched_objects() == patched
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(scope="sequence"), "unknown scope 'sequence'"),
+    (dict(coeff=-0.01), "coeff must be a finite number >= 0"),
+    (dict(micro_coeff=-1), "micro_coeff must be a finite number >= 0"),
+    (dict(scope="micro", micro_coeff=0.01), "with scope='micro' set coeff instead"),
+])
+def test_invalid_arguments_patch_nothing(megatron_world, kwargs, error):
+    originals = patched_objects()
+    with pytest.raises(ValueError, match=error):
+        moe_lbl.patch_megatron(**kwargs)
+    assert not moe_lbl.is_patched() and patched_objects() == originals
+
+
+def test_unsupported_version_patches_nothing(megatron_world, monkeypatch):
+    moe_lbl.patch_megatron(scope="micro")
+    before = patched_objects()
+    monkeypatch.setattr(patch_module, "megatron_core_version", lambda: "0.11.0")
+    with pytest.raises(patch_module.UnsupportedMegatronVersion, match=r"megatron-core 0.11.0 is not supported.*>=0.16.0,<0.17.0"):
+        moe_lbl.patch_megatron(scope="global")
+    assert patch_module.patch_options().scope == "micro" and patched_objects() == before
+    monkeypatch.setattr(patch_module, "megatron_core_version", lambda: None)
+    with pytest.raises(patch_module.UnsupportedMegatronVersion, match="megatron-core is not installed"):
+        moe_lbl.patch_megatron(scope="global")
+
+
+def test_sinkhorn_with_global_scope_is_refused(megatron_world):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1, num_moe_experts=8,
+                               moe_router_topk=2, moe_router_load_balancing_type="sinkhorn",
+                               moe_aux_loss_coeff=0.0)
+    with pytest.raises(ValueError, match="sinkhorn routing"):
+        moe_lbl.patch_megatron(scope="global", config=config)
+    assert not moe_lbl.is_patched()
+    moe_lbl.patch_megatron(scope="global")  # without config: refused at the router's first forward
+    router = build_router(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0)
+    with pytest.raises(ValueError, match="sinkhorn routing"):
+        router.routing(torch.randn(4, 1, 8))

@@ -1,0 +1,95 @@
+"""The patch on a real Megatron-Core TopKRouter, one rank, in this process."""
+
+import pytest
+import torch
+
+import moe_lbl
+from moe_lbl.testing.harness import build_router, take_tracker
+
+
+def route(router, logits, padding_mask, probs_weight, loss_scale):
+    """One training micro-batch through router.routing; returns probs, map, logits grad, tracker."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    logits = logits.clone().requires_grad_()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([loss_scale]))
+    probs, routing_map = router.routing(logits, padding_mask=padding_mask)
+    (probs * probs_weight).sum().backward()
+    return probs.detach(), routing_map, logits.grad, take_tracker()
+
+
+def random_case(seq, batch, num_experts, num_padding, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(seq, batch, num_experts, generator=g)
+    padding = None
+    if num_padding:
+        padding = torch.zeros(seq * batch, dtype=torch.bool)
+        padding[torch.randperm(seq * batch, generator=g)[:num_padding]] = True
+        padding = padding.view(seq, batch)
+    weight = torch.randn(seq * batch, num_experts, generator=g)
+    return logits, padding, weight
+
+
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("topk", [1, 2, 4])
+@pytest.mark.parametrize("num_padding", [0, 9])
+def test_micro_scope_reproduces_megatron_aux_loss(megatron_world, score_function, topk, num_padding):
+    logits, padding, weight = random_case(13, 3, 8, num_padding, seed=topk * 10 + num_padding)
+    kwargs = dict(num_experts=8, topk=topk, moe_router_score_function=score_function, moe_aux_loss_coeff=0.3,
+                  moe_router_pre_softmax=topk == 1)  # Megatron requires it for softmax top-1
+    want = route(build_router(**kwargs), logits, padding, weight, loss_scale=0.5)
+    moe_lbl.patch_megatron(scope="micro")
+    got = route(build_router(**kwargs), logits, padding, weight, loss_scale=0.5)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # probs
+    assert torch.equal(got[1], want[1])  # routing map
+    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-9)  # logits gradient
+    assert got[3].keys() == want[3].keys() == {"load_balancing_loss"}
+    torch.testing.assert_close(got[3]["load_balancing_loss"], want[3]["load_balancing_loss"], rtol=1e-6, atol=0)
+
+
+def test_global_equals_micro_with_one_rank_and_one_micro_batch(megatron_world):
+    logits, padding, weight = random_case(11, 2, 16, 4, seed=3)
+    moe_lbl.patch_megatron(scope="micro")
+    micro = route(build_router(num_experts=16, topk=4), logits, padding, weight, 1.0)
+    moe_lbl.patch_megatron(scope="global")
+    glob = route(build_router(num_experts=16, topk=4), logits, padding, weight, 1.0)
+    torch.testing.assert_close(glob[2], micro[2], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(glob[3]["global_load_balancing_loss"], micro[3]["load_balancing_loss"],
+                               rtol=1e-6, atol=0)
+
+
+def test_megatron_flags_map_onto_the_engine(megatron_world):
+    from moe_lbl.patches.megatron import balancer_of
+
+    moe_lbl.patch_megatron(scope="global", micro_coeff=0.0)
+    cases = {
+        ("aux_loss", 0.1): ("global", 0.1, 0.0),
+        ("global_aux_loss", 0.2): ("global", 0.2, 0.0),
+        (("aux_loss", "global_aux_loss"), (0.001, 0.1)): ("global", 0.1, 0.001),
+        (("seq_aux_loss", "global_aux_loss"), (0.5, 0.1)): ("global", 0.1, 0.0),
+    }
+    for (types, coeffs), (scope, coeff, micro_coeff) in cases.items():
+        router = build_router(moe_router_load_balancing_type=list(types) if isinstance(types, tuple) else types,
+                              moe_aux_loss_coeff=list(coeffs) if isinstance(coeffs, tuple) else coeffs)
+        config = balancer_of(router).config
+        assert (config.scope, config.coeff, config.micro_coeff) == (scope, coeff, micro_coeff), types
+    moe_lbl.patch_megatron(scope="micro", coeff=0.05)
+    assert balancer_of(build_router(moe_aux_loss_coeff=0.1)).config.coeff == 0.05
+
+
+def test_seq_aux_loss_is_left_to_megatron(megatron_world):
+    logits, _, weight = random_case(8, 2, 8, 0, seed=5)
+    kwargs = dict(moe_router_load_balancing_type=["seq_aux_loss", "global_aux_loss"],
+                  moe_aux_loss_coeff=[0.1, 0.2])
+    moe_lbl.patch_megatron(scope="global")
+    *_, tracker = route(build_router(**kwargs), logits, None, weight, 1.0)
+    assert set(tracker) == {"seq_load_balancing_loss", "global_load_balancing_loss"}
+    assert float(tracker["seq_load_balancing_loss"][0]) > 0
+
+
+def test_mismatched_flags_fail_with_a_clear_error(megatron_world):
+    moe_lbl.patch_megatron(scope="micro")
+    router = build_router(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1)
+    logits = torch.randn(4, 1, 8)
+    with pytest.raises(ValueError, match="scope='micro'"):
+        router.routing(logits)
