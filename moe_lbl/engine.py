@@ -113,7 +113,6 @@ class _PendingSum:
 @dataclass
 class _MicroBatch:
     index: int
-    local: torch.Tensor  # [N_E + 1] int64: this rank's counts and valid tokens
     sequence: _PendingSum  # summed over the sequence group
     batch: Optional[_PendingSum]  # summed over the batch group (global scope only)
     score_sum: torch.Tensor  # [N_E] fp32: sum of this rank's balancing scores
@@ -169,11 +168,10 @@ class LoadBalancer:
             raise ValueError(f"routing_map {tuple(routing_map.shape)} must match scores {tuple(scores.shape)}")
         counts = routing_map.sum(dim=0, dtype=torch.int64)
         tokens = torch.as_tensor(valid_tokens, dtype=torch.int64, device=counts.device).reshape(1)
-        local = torch.cat([counts, tokens])
+        local = torch.cat([counts, tokens])  # one collective carries counts and tokens
         async_op = self.config.async_sync
         micro_batch = _MicroBatch(
             index=len(self._micro_batches),
-            local=local,
             sequence=_PendingSum(local, self.sequence_group, async_op),
             batch=(_PendingSum(local, self.batch_group, async_op)
                    if self.config.scope == "global" else None),
@@ -252,7 +250,9 @@ class _AttachLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_probs):
-        weights = ctx.balancer.score_weights(ctx.micro_batch)
+        weights = ctx.balancer.score_weights(ctx.micro_batch)  # also reports the values
+        if not ctx.needs_input_grad[1]:
+            return grad_probs, None, None, None
         scale = ctx.micro_batch.grad_scale()
         grad = (weights.to(ctx.scores_dtype) * scale).to(ctx.scores_dtype)
         return grad_probs, grad.expand(ctx.scores_shape), None, None

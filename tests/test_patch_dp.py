@@ -8,7 +8,9 @@ loss and gradient in float64 from all ranks' data.
 import pytest
 import torch
 
+from moe_lbl.engine import BalanceConfig
 from moe_lbl.testing.harness import spawn
+from moe_lbl.testing.reference import reference_losses
 
 NUM_EXPERTS, TOPK, COEFF, MICRO_COEFF = 8, 2, 1.0, 0.01
 SHAPES = {0: (13, 2), 1: (9, 3)}  # rank -> (seq, micro-batch size): uneven tokens per rank
@@ -55,38 +57,26 @@ def rank_worker(rank, world_size):
         balancer_of(router).end_step()
         moe_lbl.unpatch_megatron()
         results[name] = (grads, logged)
+    # Megatron-Core's own global_aux_loss, unpatched, on the first micro-batch (NVIDIA/Megatron-LM #3672).
+    router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF, moe_router_load_balancing_type="global_aux_loss")
+    logits, padding = micro_batch(rank, 0)
+    logits.requires_grad_()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / NUM_MICRO_BATCHES)
+    probs, _ = router.routing(logits, padding_mask=padding)
+    (probs * 0).sum().backward()
+    results["megatron-global-aux-loss"] = logits.grad.view(-1, NUM_EXPERTS)
     return results
 
 
 def expected(options):
     """Per (rank, micro-batch): float64 logits gradient and logged values from the formulas."""
-    data = {(r, j): micro_batch(r, j) for r in SHAPES for j in range(NUM_MICRO_BATCHES)}
-    counts, tokens = {}, {}
-    for key, (logits, padding) in data.items():
-        valid = ~padding.reshape(-1)
-        scores = torch.softmax(logits.view(-1, NUM_EXPERTS), dim=-1)
-        index = torch.topk(scores, TOPK, dim=-1).indices
-        mask = torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, True) & valid.unsqueeze(1)
-        counts[key], tokens[key] = mask.sum(0).double(), float(valid.sum())
-    out = {}
-    for (r, j), (logits, padding) in data.items():
-        window = range(j + 1) if options.get("buffer", True) else [j]
-        pooled = [(rr, jj) for rr in SHAPES for jj in window]
-        f_global = sum(counts[k] for k in pooled) / (TOPK * sum(tokens[k] for k in pooled))
-        f_micro = counts[r, j] / (TOPK * tokens[r, j])
-        x = logits.view(-1, NUM_EXPERTS).double().requires_grad_()
-        P = torch.softmax(x, dim=-1)[~padding.reshape(-1)].sum(0) / tokens[r, j]
-        if options["scope"] == "micro":
-            terms = {"load_balancing_loss": (f_micro, COEFF)}
-        else:
-            terms = {"global_load_balancing_loss": (f_global, COEFF)}
-            if options.get("micro_coeff", 0) > 0:
-                terms["load_balancing_loss"] = (f_micro, options["micro_coeff"])
-        values = {name: NUM_EXPERTS * (f * P).sum() for name, (f, _) in terms.items()}
-        loss = sum(coeff * values[name] for name, (_, coeff) in terms.items())
-        (loss / NUM_MICRO_BATCHES).backward()
-        out[r, j] = (x.grad, {name: float(v) for name, v in values.items()})
-    return out
+    data = {}
+    for r in SHAPES:
+        for j in range(NUM_MICRO_BATCHES):
+            logits, padding = micro_batch(r, j)
+            data[r, j] = (logits.view(-1, NUM_EXPERTS), padding.reshape(-1))
+    config = BalanceConfig(**{"coeff": COEFF, **options})
+    return reference_losses(data, config, NUM_EXPERTS, TOPK, loss_scale=1.0 / NUM_MICRO_BATCHES)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +91,7 @@ def test_each_micro_batch_matches_the_formulas(ranks, variant):
         grads, logged = result[variant]
         for j in range(NUM_MICRO_BATCHES):
             want_grad, want_values = want[r, j]
-            torch.testing.assert_close(grads[j].double(), want_grad, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(grads[j].double(), want_grad, rtol=1e-5, atol=1e-8)
             assert logged[j].keys() == want_values.keys()
             for name, value in want_values.items():
                 assert logged[j][name] == pytest.approx(value, rel=1e-6), (r, j, name)
@@ -118,3 +108,13 @@ def test_global_differs_from_micro(ranks):
     # Guards the comparison above against a reference that ignores the other rank.
     grads_global, grads_micro = ranks[1]["global"][0], ranks[1]["micro"][0]
     assert not torch.allclose(grads_global[0], grads_micro[0], rtol=1e-3)
+
+
+def test_megatron_global_aux_loss_gradient_is_too_small_by_global_over_local_tokens(ranks):
+    # Upstream divides the local P by the global token count (NVIDIA/Megatron-LM #3672): on the
+    # first micro-batch its gradient is ours times T_local / T_global (about 1/dp).
+    tokens = {r: float((~micro_batch(r, 0)[1]).sum()) for r in SHAPES}
+    total = sum(tokens.values())
+    for r, result in enumerate(ranks):
+        torch.testing.assert_close(result["megatron-global-aux-loss"] * (total / tokens[r]),
+                                   result["global"][0][0], rtol=1e-5, atol=1e-8)

@@ -149,9 +149,9 @@ def train_step(ddp_model, optimizer, micro_batches: list[MicroBatch]) -> float:
     return total
 
 
-def _worker(fn, rank, world_size, init_file, out_dir, args):
+def _worker(fn, rank, world_size, init_file, out_dir, tensor_parallel, args):
     try:
-        with distributed(rank, world_size, init_file):
+        with distributed(rank, world_size, init_file, tensor_parallel):
             result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -160,9 +160,11 @@ def _worker(fn, rank, world_size, init_file, out_dir, args):
         raise
 
 
-def spawn(fn: Callable, world_size: int, *args, timeout: float = 600) -> list:
+def spawn(fn: Callable, world_size: int, *args, tensor_parallel: int = 1, timeout: float = 600) -> list:
     """Run fn(rank, world_size, *args) in `world_size` gloo ranks; return each rank's result.
 
+    Megatron's parallel state is initialized with `tensor_parallel` (ranks 2t, 2t+1 share a
+    tensor-parallel group when it is 2).
     fn must be importable (a module-level function). A rank's exception is re-raised here with
     its traceback.
     """
@@ -171,7 +173,7 @@ def spawn(fn: Callable, world_size: int, *args, timeout: float = 600) -> list:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, out_dir, args))
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, out_dir, tensor_parallel, args))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -1,0 +1,58 @@
+"""A float64 reference of the balancing loss, written from the method's formulas for the tests.
+
+It shares no code with the engine: f and P are computed from all ranks' data at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_lbl.engine import GLOBAL_LOSS_NAME, MICRO_LOSS_NAME, BalanceConfig
+
+
+def random_micro_batch(num_tokens: int, num_experts: int, num_padding: int, seed: int):
+    """Logits [T, E] and a padding mask [T] (True = padding) with `num_padding` random positions."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=g)
+    padding = torch.zeros(num_tokens, dtype=torch.bool)
+    padding[torch.randperm(num_tokens, generator=g)[:num_padding]] = True
+    return logits, padding
+
+
+def topk_mask(logits: torch.Tensor, topk: int, padding: torch.Tensor) -> torch.Tensor:
+    """Top-k of the fp32 softmax scores (as the router selects them), padding rows cleared."""
+    scores = torch.softmax(logits.float(), dim=-1)
+    index = torch.topk(scores, topk, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, True) & ~padding.unsqueeze(1)
+
+
+def reference_losses(data: dict, config: BalanceConfig, num_experts: int, topk: int,
+                     loss_scale: float = 1.0, tensor_parallel: int = 1) -> dict:
+    """Per (rank, micro-batch): the float64 logits gradient and this rank's share of each value.
+
+    data[(rank, j)] = (logits [T, E], padding [T]); ranks r and r' split the same sequences when
+    r // tensor_parallel == r' // tensor_parallel (Megatron orders tensor-parallel ranks first).
+    """
+    masks = {key: topk_mask(logits, topk, padding) for key, (logits, padding) in data.items()}
+    counts = {key: m.sum(0).double() for key, m in masks.items()}
+    tokens = {key: float((~padding).sum()) for key, (_, padding) in data.items()}
+    ranks = sorted({r for r, _ in data})
+    out = {}
+    for (r, j), (logits, padding) in data.items():
+        sequence = [(q, j) for q in ranks if q // tensor_parallel == r // tensor_parallel]
+        window = range(j + 1) if config.buffer else [j]
+        batch = [(q, i) for q in ranks for i in window]
+        sequence_tokens = max(sum(tokens[k] for k in sequence), 1.0)
+        f = {
+            MICRO_LOSS_NAME: sum(counts[k] for k in sequence) / (topk * sequence_tokens),
+            GLOBAL_LOSS_NAME: sum(counts[k] for k in batch) / (topk * max(sum(tokens[k] for k in batch), 1.0)),
+        }
+        coeffs = ({MICRO_LOSS_NAME: config.coeff} if config.scope == "micro"
+                  else {GLOBAL_LOSS_NAME: config.coeff, MICRO_LOSS_NAME: config.micro_coeff})
+        x = logits.double().requires_grad_()
+        P = torch.softmax(x, dim=-1)[~padding].sum(0) / sequence_tokens  # this rank's share
+        values = {name: num_experts * (f[name] * P).sum() for name, c in coeffs.items() if c > 0}
+        loss = sum((coeffs[name] * v for name, v in values.items()), torch.zeros((), dtype=torch.float64))
+        (loss * loss_scale).backward()
+        out[r, j] = (x.grad, {name: float(v) for name, v in values.items()})
+    return out

@@ -1,0 +1,68 @@
+"""The engine with tensor parallelism: 4 gloo ranks as TP=2 x DP=2, 2 micro-batches each.
+
+Tensor-parallel ranks hold different tokens of the same sequences (sequence parallelism, which
+Megatron requires for MoE with TP): T and P count the tokens of both, as Megatron's aux_loss does.
+"""
+
+import pytest
+import torch
+
+from moe_lbl.engine import BalanceConfig, LoadBalancer
+from moe_lbl.testing.harness import spawn
+from moe_lbl.testing.reference import random_micro_batch, reference_losses, topk_mask
+
+NUM_EXPERTS, TOPK, NUM_MICRO_BATCHES = 6, 2, 2
+CONFIGS = {
+    "micro": BalanceConfig("micro", coeff=1.0),
+    "global": BalanceConfig("global", coeff=1.0),
+    "hybrid-no-buffer": BalanceConfig("global", coeff=1.0, micro_coeff=0.1, buffer=False),
+}
+
+
+def micro_batch(rank, j):
+    return random_micro_batch(7 + 3 * rank + j, NUM_EXPERTS, num_padding=(rank + 2 * j) % 4, seed=50 * rank + j)
+
+
+def rank_worker(rank, world_size):
+    from megatron.core import parallel_state
+
+    results = {}
+    for name, config in CONFIGS.items():
+        balancer = LoadBalancer(config, NUM_EXPERTS, TOPK,
+                                sequence_group=parallel_state.get_tensor_and_context_parallel_group(),
+                                batch_group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
+        grads, logged = [], []
+        for j in range(NUM_MICRO_BATCHES):
+            logits, padding = micro_batch(rank, j)
+            logits.requires_grad_()
+            scores = torch.softmax(logits, dim=-1) * (~padding).unsqueeze(1)
+            values = {}
+            out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores,
+                                  topk_mask(logits.detach(), TOPK, padding), int((~padding).sum()),
+                                  lambda: 1.0 / NUM_MICRO_BATCHES,
+                                  lambda n, v: values.__setitem__(n, float(v)))
+            out.sum().backward()
+            grads.append(logits.grad)
+            logged.append(values)
+        balancer.end_step()
+        results[name] = (grads, logged)
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return spawn(rank_worker, 4, tensor_parallel=2)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tensor_parallel_ranks_share_token_totals(ranks, name):
+    data = {(r, j): micro_batch(r, j) for r in range(4) for j in range(NUM_MICRO_BATCHES)}
+    want = reference_losses(data, CONFIGS[name], NUM_EXPERTS, TOPK, 1.0 / NUM_MICRO_BATCHES, tensor_parallel=2)
+    for r, result in enumerate(ranks):
+        grads, logged = result[name]
+        for j in range(NUM_MICRO_BATCHES):
+            want_grad, want_values = want[r, j]
+            torch.testing.assert_close(grads[j].double(), want_grad, rtol=1e-5, atol=1e-8)
+            assert logged[j].keys() == want_values.keys()
+            for key, value in want_values.items():
+                assert logged[j][key] == pytest.approx(value, rel=1e-6)
