@@ -52,8 +52,16 @@ def _row_sum(v):
 
 @triton.jit
 def _round(v, DTYPE: tl.constexpr):
-    """Round fp32 values to DTYPE and back: the value Megatron holds in that dtype."""
-    return v.to(DTYPE).to(tl.float32)
+    """Round fp32 values to DTYPE (to nearest, ties to even) and back: Megatron's value there."""
+    if DTYPE == tl.bfloat16:
+        # By hand: Triton's interpreter truncates fp32 -> bf16 casts; the GPU rounds to nearest.
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        return v.to(tl.float16).to(tl.float32)
+    else:
+        return v
 
 
 @triton.jit
@@ -248,7 +256,7 @@ def _router_bwd_kernel(
         if HAS_GRAD_PROBS:
             grad = tl.load(grad_probs_ptr + r3 * E + expert, mask=ok, other=0.0).to(tl.float32)
         for r in tl.static_range(K):
-            index = tl.load(indices_ptr + rows * K + r, mask=row_ok, other=NO_INDEX)
+            index = tl.load(indices_ptr + rows * K + r, mask=row_ok, other=0)  # rows past T: finite math
             pick = expert == index[:, None, None]
             taken = taken | pick
             if HAS_GRAD_WEIGHTS:
@@ -293,7 +301,7 @@ def _router_bwd_kernel(
                 grad_x += tl.where(valid3, lbl, 0.0)
             if HAS_Z:
                 grad_x += tl.where(valid3, (z_weight * lse)[:, None, None] * softmax, 0.0)
-        tl.store(grad_logits_ptr + r3 * E + expert, grad_x.to(DTYPE), mask=ok)
+        tl.store(grad_logits_ptr + r3 * E + expert, _round(grad_x, DTYPE).to(DTYPE), mask=ok)
 
 
 @dataclass(frozen=True)
@@ -369,6 +377,11 @@ class Launch:
     num_warps: Optional[int] = None
 
 
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every output buffer comes from here (tests poison it to prove each element is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -417,14 +430,14 @@ def _forward(logits, expert_bias, padding_mask, spec: RoutingSpec, compute_stats
     groups, group_size, _ = _tile(spec)
     block_t, programs, num_warps = _grid(num_tokens, spec, launch, logits.device)
     device = logits.device
-    probs = torch.empty_like(logits)
-    routing_map = torch.empty(num_tokens, num_experts, dtype=torch.bool, device=device)
-    indices = torch.empty(num_tokens, spec.topk, dtype=torch.int32, device=device)
-    weights = torch.empty(num_tokens, spec.topk, dtype=logits.dtype, device=device)
-    lse = torch.empty(num_tokens, dtype=torch.float32, device=device)
-    counts_partial = torch.empty(programs, 2, num_experts, dtype=torch.int32, device=device)
-    scores_partial = torch.empty(programs, num_experts, dtype=torch.float32, device=device)
-    z_partial = torch.empty(programs, dtype=torch.float32, device=device)
+    probs = _empty((num_tokens, num_experts), logits.dtype, device)
+    routing_map = _empty((num_tokens, num_experts), torch.bool, device)
+    indices = _empty((num_tokens, spec.topk), torch.int32, device)
+    weights = _empty((num_tokens, spec.topk), logits.dtype, device)
+    lse = _empty((num_tokens,), torch.float32, device)
+    counts_partial = _empty((programs, 2, num_experts), torch.int32, device)
+    scores_partial = _empty((programs, num_experts), torch.float32, device)
+    z_partial = _empty((programs,), torch.float32, device)
     use_bias = spec.score_function == "sigmoid" and expert_bias is not None  # as Megatron: sigmoid only
     # The aux-loss top-k equals the routing top-k only when both compare the same fp32 softmax.
     separate_aux = not (spec.score_function == "softmax" and spec.use_pre_softmax
@@ -447,8 +460,9 @@ def _forward(logits, expert_bias, padding_mask, spec: RoutingSpec, compute_stats
         )
     stats = None
     if compute_stats:
-        if num_tokens == 0:
-            counts_partial.zero_(), scores_partial.zero_(), z_partial.zero_()
+        if num_tokens == 0:  # nothing was launched
+            for partial in (counts_partial, scores_partial, z_partial):
+                partial.zero_()
         counts = counts_partial.sum(dim=0, dtype=torch.int64)
         valid = (torch.tensor(num_tokens, device=device) if padding_mask is None
                  else num_tokens - padding_mask.sum())
@@ -462,7 +476,7 @@ def _backward(logits, grad_probs, grad_weights, indices, lse, padding_mask, lbl_
     num_tokens, num_experts = logits.shape
     groups, group_size, _ = _tile(spec)
     block_t, programs, num_warps = grid
-    grad_logits = torch.empty_like(logits)
+    grad_logits = _empty(tuple(logits.shape), logits.dtype, logits.device)
     if num_tokens == 0:
         return grad_logits
     padding = padding_mask.reshape(-1).view(torch.uint8) if padding_mask is not None else None

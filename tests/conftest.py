@@ -4,6 +4,11 @@ import tempfile
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which Triton reads when the
+# kernels are defined: set it before anything imports moe_lbl.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def megatron_world():

@@ -1,0 +1,235 @@
+"""The fused router kernels against a float64 reference and Megatron-Core's own implementation.
+
+On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest); the `cuda`
+variants (marker `gpu`) run the same checks compiled where a GPU is present.
+"""
+
+import pytest
+import torch
+
+from moe_lbl.kernels import Launch, fused_topk_router, topk_routing_with_score_function
+from moe_lbl.kernels import topk_router as kernel_module
+from moe_lbl.testing.router_reference import near_tie_rows, reference_routing
+
+EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.9e-3, torch.float16: 9.8e-4}
+PROBS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-5), torch.float16: (2e-3, 1e-6)}
+GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (4e-3, 2e-3)}
+
+
+def case(id, E, k, T, dtype, score="softmax", pre=False, groups=None, group_topk=None, bias=False,
+         scaling=None, padding=0.0):
+    return pytest.param(dict(E=E, k=k, T=T, dtype=dtype, score=score, pre=pre, groups=groups,
+                             group_topk=group_topk, bias=bias, scaling=scaling, padding=padding), id=id)
+
+
+CASES = [
+    case("softmax-pre-E8-k1", 8, 1, 300, torch.float32, pre=True),
+    case("softmax-E8-k2-bf16-pad", 8, 2, 517, torch.bfloat16, padding=0.2),
+    case("softmax-E60-k6-scale", 60, 6, 300, torch.float32, scaling=2.5),
+    case("softmax-pre-E64-k4-bf16-pad", 64, 4, 517, torch.bfloat16, pre=True, padding=0.3),
+    case("softmax-pre-E64-k8-groups8x4-scale", 64, 8, 300, torch.float32, pre=True, groups=8, group_topk=4, scaling=1.5),
+    case("softmax-E160-k6-groups8x3-bf16-pad", 160, 6, 300, torch.bfloat16, groups=8, group_topk=3, padding=0.1),
+    case("sigmoid-bias-E256-k8-groups8x4-scale", 256, 8, 300, torch.float32, score="sigmoid", groups=8, group_topk=4, bias=True, scaling=2.5),
+    case("sigmoid-bias-E256-k8-groups8x4-bf16-pad", 256, 8, 300, torch.bfloat16, score="sigmoid", groups=8, group_topk=4, bias=True, padding=0.25),
+    case("sigmoid-E64-k1", 64, 1, 300, torch.float32, score="sigmoid"),
+    case("sigmoid-E60-k4-bf16-pad", 60, 4, 517, torch.bfloat16, score="sigmoid", padding=0.2),
+    case("sigmoid-bias-E160-k2", 160, 2, 300, torch.float32, score="sigmoid", bias=True),
+    case("softmax-E256-k4-fp16", 256, 4, 300, torch.float16),
+    case("softmax-pre-E8-k8", 8, 8, 300, torch.float32, pre=True),
+    case("sigmoid-E64-k6-groups4x2-fp16-scale", 64, 6, 300, torch.float16, score="sigmoid", groups=4, group_topk=2, scaling=2.0),
+]
+
+
+@pytest.fixture(params=[pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")])
+def device(request):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if request.param == "cpu" and not kernel_module._interpreting():
+        pytest.skip("Triton compiles for the GPU here: the cuda variant runs these checks")
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Output buffers start as NaN / -7 / True, so an element the kernel never writes shows."""
+
+    def empty(shape, dtype, device):
+        if dtype.is_floating_point:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        if dtype == torch.bool:
+            return torch.ones(shape, dtype=dtype, device=device)
+        return torch.full(shape, -7, dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernel_module, "_empty", empty)
+
+
+def launch_for(device):
+    # The interpreter's cost is per program: few, large blocks, still not dividing T evenly.
+    return Launch(block_t=128, num_programs=3) if device.type == "cpu" else Launch()
+
+
+def make_inputs(c, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(c["T"], c["E"], generator=g) * 2).to(c["dtype"])
+    bias = torch.randn(c["E"], generator=g) * 0.05 if c["bias"] else None
+    padding = torch.rand(c["T"], generator=g) < c["padding"] if c["padding"] else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return logits, bias, padding, to
+
+
+def routing_kwargs(c):
+    return dict(score_function=c["score"], use_pre_softmax=c["pre"], num_groups=c["groups"],
+                group_topk=c["group_topk"], scaling_factor=c["scaling"])
+
+
+def selection_near_ties(ref, c):
+    tol = 4 * EPS[c["dtype"]] if not (c["score"] == "softmax" and not c["pre"]) else 0.0
+    near = near_tie_rows(ref.select, c["k"], max(tol, 4 * EPS[torch.float32]))
+    if ref.group_scores is not None:
+        near |= near_tie_rows(ref.group_scores, c["group_topk"], max(tol, 4 * EPS[torch.float32]))
+    return near
+
+
+def assert_counts_close(got, want_map, near_rows, valid):
+    """Counts equal, except that each near-tie row may move one choice (two counts) per slot."""
+    want = (want_map & valid[:, None]).sum(0)
+    allowed = 2 * int((near_rows & valid).sum()) * want_map.shape[1]
+    assert int((got.cpu() - want).abs().sum()) <= allowed, (got, want)
+    if allowed == 0:
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("c", CASES)
+def test_forward_matches_reference_and_megatron(c, device, poisoned):
+    from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function as megatron_routing
+
+    logits, bias, padding, to = make_inputs(c, seed=c["E"] * 31 + c["k"], device=device)
+    out = fused_topk_router(to(logits), c["k"], expert_bias=to(bias), padding_mask=to(padding),
+                            launch=launch_for(device), **routing_kwargs(c))
+    probs, routing_map, indices, weights = (t.cpu() for t in (out.probs, out.routing_map, out.indices, out.weights))
+    ref = reference_routing(logits, c["k"], expert_bias=bias, **routing_kwargs(c))
+    T, k = c["T"], c["k"]
+    valid = torch.ones(T, dtype=torch.bool) if padding is None else ~padding
+
+    # Every row holds exactly k distinct choices, consistent across map, indices and weights.
+    assert torch.equal(routing_map.sum(1), torch.full((T,), k))
+    assert torch.equal(routing_map.gather(1, indices.long()), torch.ones(T, k, dtype=torch.bool))
+    assert torch.equal(weights, probs.gather(1, indices.long()))
+    # The same selection as the reference (ties toward the lower index) wherever no near-tie
+    # could flip it; elsewhere still a valid top-k of the selection scores.
+    near = selection_near_ties(ref, c)
+    assert torch.equal(indices[~near].long(), ref.indices[~near])
+    chosen_min = torch.where(routing_map, ref.select, torch.inf).amin(1)
+    other_max = torch.where(routing_map, -torch.inf, ref.select).amax(1)
+    scale = ref.select.abs().nan_to_num(posinf=0, neginf=0).amax(1).clamp(min=1)
+    grouped_near = near_tie_rows(ref.group_scores, c["group_topk"], 1e-6) if ref.group_scores is not None else torch.zeros(T, dtype=torch.bool)
+    assert bool((chosen_min >= other_max - 8 * EPS[c["dtype"]] * scale)[~grouped_near].all())
+    # Probabilities of the kernel's selection.
+    ref_mine = reference_routing(logits, k, expert_bias=bias, indices=indices, **routing_kwargs(c))
+    rtol, atol = PROBS_TOL[c["dtype"]]
+    torch.testing.assert_close(probs.double(), ref_mine.probs, rtol=rtol, atol=atol)
+
+    # Statistics over valid tokens.
+    stats = out.stats
+    assert int(stats.valid_tokens) == int(valid.sum())
+    assert torch.equal(stats.dispatch_counts.cpu(), (routing_map & valid[:, None]).sum(0))
+    aux_map = torch.zeros(T, c["E"], dtype=torch.bool).scatter(1, ref.aux_indices, True)
+    aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[c["dtype"] if c["score"] == "sigmoid" else torch.float32])
+    assert_counts_close(stats.aux_counts, aux_map, aux_near, valid)
+    aux_dtype = c["dtype"] if c["score"] == "sigmoid" else torch.float32
+    torch.testing.assert_close(stats.score_sums.cpu().double(), ref.aux_scores[valid].sum(0).detach(),
+                               rtol=1e-5 if aux_dtype == torch.float32 else 1e-3, atol=T * EPS[aux_dtype])
+    torch.testing.assert_close(stats.z_sum.cpu().double(), (ref.lse[valid] ** 2).sum(), rtol=1e-5, atol=1e-3)
+
+    # Megatron-Core's own implementation, where no tie can flip the choice.
+    m_probs, m_map = megatron_routing(logits, k, expert_bias=bias, **routing_kwargs(c))
+    assert torch.equal(m_map[~near], routing_map[~near])
+    torch.testing.assert_close(probs[~near].double(), m_probs[~near].double(), rtol=rtol, atol=atol)
+    m_aux_map, _ = compute_routing_scores_for_aux_loss(logits, k, c["score"], padding_mask=padding)
+    assert_counts_close(stats.aux_counts, m_aux_map, aux_near, valid)
+
+
+@pytest.mark.parametrize("c", CASES)
+def test_backward_matches_float64_autograd(c, device):
+    logits, bias, padding, to = make_inputs(c, seed=c["E"] * 17 + c["k"], device=device)
+    g = torch.Generator().manual_seed(c["T"])
+    grad_probs = torch.randn(c["T"], c["E"], generator=g).to(c["dtype"])
+    grad_weights = torch.randn(c["T"], c["k"], generator=g).to(c["dtype"])
+    lbl = torch.randn(c["E"], generator=g) * 0.1
+    z = 0.03
+    x = to(logits).clone().requires_grad_()
+    out = fused_topk_router(x, c["k"], expert_bias=to(bias), padding_mask=to(padding), launch=launch_for(device),
+                            lbl_weights=lambda: to(lbl), z_weight=lambda: z, **routing_kwargs(c))
+    ((out.probs * to(grad_probs)).sum() + (out.weights * to(grad_weights)).sum()).backward()
+
+    x64 = logits.double().requires_grad_()
+    ref = reference_routing(logits, c["k"], expert_bias=bias, indices=out.indices.cpu(), x=x64, **routing_kwargs(c))
+    valid = torch.ones(c["T"], dtype=torch.bool) if padding is None else ~padding
+    total = ((ref.probs * grad_probs.double()).sum() + (ref.weights * grad_weights.double()).sum()
+             + (ref.aux_scores[valid] * lbl.double()).sum() + z / 2 * (ref.lse[valid] ** 2).sum())
+    total.backward()
+    rtol, atol = GRAD_TOL[c["dtype"]]
+    torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=rtol, atol=atol * float(x64.grad.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("score,pre", [("softmax", False), ("softmax", True), ("sigmoid", False)])
+def test_exact_ties_break_toward_the_lower_index(dtype, score, pre, device, poisoned):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randint(-4, 5, (300, 16), generator=g).to(dtype)  # small integers: many exact ties
+    out = fused_topk_router(logits.to(device), 4, score_function=score, use_pre_softmax=pre, launch=launch_for(device))
+    ref = reference_routing(logits, 4, score_function=score, use_pre_softmax=pre)
+    assert torch.equal(out.indices.cpu().long(), ref.indices)
+    aux_map = torch.zeros(300, 16, dtype=torch.bool).scatter(1, ref.aux_indices, True)
+    assert torch.equal(out.stats.aux_counts.cpu(), aux_map.sum(0))
+
+
+def test_results_are_deterministic(device):
+    logits = torch.randn(1000, 64).to(device)
+    runs = [fused_topk_router(logits, 4, launch=launch_for(device)) for _ in range(2)]
+    for a, b in zip(runs[0].stats.__dict__.values(), runs[1].stats.__dict__.values()):
+        assert torch.equal(a, b)
+    assert torch.equal(runs[0].probs, runs[1].probs)
+
+
+def test_no_tokens(device):
+    out = fused_topk_router(torch.empty(0, 8, device=device), 2, launch=launch_for(device))
+    assert out.probs.shape == (0, 8) and out.indices.shape == (0, 2)
+    assert int(out.stats.aux_counts.sum()) == 0 and int(out.stats.valid_tokens) == 0
+
+
+def test_megatron_signature_returns_probs_and_map(device):
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function as megatron_routing
+
+    logits = torch.randn(77, 32)
+    probs, routing_map = topk_routing_with_score_function(logits.to(device), 4, scaling_factor=2.0)
+    m_probs, m_map = megatron_routing(logits, 4, scaling_factor=2.0)
+    assert torch.equal(routing_map.cpu(), m_map)
+    torch.testing.assert_close(probs.cpu(), m_probs)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(logits=torch.zeros(2, 3, 8), topk=2), "2-D tensor"),
+    (dict(logits=torch.zeros(4, 8, dtype=torch.int32), topk=2), "dtype must be one of"),
+    (dict(logits=torch.zeros(8, 4).t(), topk=2), "contiguous along the expert dimension"),
+    (dict(logits=torch.zeros(4, 8), topk=9), r"topk must be in \[1, min\(num_experts, 16\)\] = \[1, 8\]"),
+    (dict(logits=torch.zeros(4, 64), topk=17), r"= \[1, 16\], got 17"),
+    (dict(logits=torch.zeros(4, 60), topk=4, num_groups=8, group_topk=2), "divisible by num_groups"),
+    (dict(logits=torch.zeros(4, 64), topk=4, num_groups=8, group_topk=9), "group_topk must be in"),
+    (dict(logits=torch.zeros(4, 8), topk=2, score_function="relu"), "score_function must be"),
+    (dict(logits=torch.zeros(4, 8), topk=2, expert_bias=torch.zeros(7)), r"expert_bias must have shape \(8,\)"),
+    (dict(logits=torch.zeros(4, 8), topk=2, padding_mask=torch.zeros(4)), "padding_mask must be a bool tensor"),
+])
+def test_bad_input_gets_a_clear_error(kwargs, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        fused_topk_router(kwargs.pop("logits"), kwargs.pop("topk"), **kwargs)
+
+
+def test_router_replay_and_cpu_without_interpreter_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="router_replay is not supported"):
+        topk_routing_with_score_function(torch.zeros(4, 8), 2, router_replay=object())
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(kernel_module, "_interpreting", lambda: False)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            fused_topk_router(torch.zeros(4, 8), 2)
