@@ -111,7 +111,10 @@ class _PendingSum:
 
 
 @dataclass
-class _MicroBatch:
+class BalanceHandle:
+    """One registered micro-batch of one layer."""
+
+    balancer: "LoadBalancer"
     index: int
     sequence: _PendingSum  # summed over the sequence group
     batch: Optional[_PendingSum]  # summed over the batch group (global scope only)
@@ -119,6 +122,14 @@ class _MicroBatch:
     grad_scale: Callable[[], Union[torch.Tensor, float]]
     report: Optional[Callable[[str, torch.Tensor], None]]
     reported: bool = False  # a retained graph may be back-propagated again: report once
+
+    def gradient(self) -> torch.Tensor:
+        """fp32 [N_E]: d(loss)/d(score) of every valid token of this micro-batch, loss scale included.
+
+        Waits for the counts if they are still in flight and reports the values the first time.
+        """
+        weights = self.balancer.score_weights(self)
+        return (weights.float() * self.grad_scale()).float()
 
 
 class LoadBalancer:
@@ -142,7 +153,7 @@ class LoadBalancer:
         self.sequence_group = sequence_group
         self.batch_group = batch_group
         self._terms = config.terms()
-        self._micro_batches: list[_MicroBatch] = []
+        self._micro_batches: list[BalanceHandle] = []
         self._batch_prefix: list[torch.Tensor] = []  # running sums of resolved batch vectors
         self._loads: list[torch.Tensor] = []
         self.last_step_loads: list[torch.Tensor] = []
@@ -166,21 +177,36 @@ class LoadBalancer:
             raise ValueError(f"scores must be [tokens, {self.num_experts}], got {tuple(scores.shape)}")
         if routing_map.shape != scores.shape:
             raise ValueError(f"routing_map {tuple(routing_map.shape)} must match scores {tuple(scores.shape)}")
-        counts = routing_map.sum(dim=0, dtype=torch.int64)
+        handle = self.register(routing_map.sum(dim=0, dtype=torch.int64), valid_tokens,
+                               scores.detach().sum(dim=0, dtype=torch.float32), grad_scale, report)
+        return _AttachLoss.apply(probs, scores, handle)
+
+    def register(self, counts: torch.Tensor, valid_tokens: Union[int, torch.Tensor], score_sum: torch.Tensor,
+                 grad_scale: Callable[[], Union[torch.Tensor, float]],
+                 report: Optional[Callable[[str, torch.Tensor], None]] = None) -> "BalanceHandle":
+        """Register one micro-batch from its statistics; the caller applies handle.gradient().
+
+        For callers that compute the statistics themselves (the fused router kernels): counts
+        [N_E] of the top-k over the balancing scores and score_sum [N_E] over valid tokens.
+        """
+        if counts.shape != (self.num_experts,) or score_sum.shape != (self.num_experts,):
+            raise ValueError(f"counts and score_sum must have shape ({self.num_experts},), "
+                             f"got {tuple(counts.shape)} and {tuple(score_sum.shape)}")
         tokens = torch.as_tensor(valid_tokens, dtype=torch.int64, device=counts.device).reshape(1)
-        local = torch.cat([counts, tokens])  # one collective carries counts and tokens
+        local = torch.cat([counts.to(torch.int64), tokens])  # one collective carries counts and tokens
         async_op = self.config.async_sync
-        micro_batch = _MicroBatch(
+        handle = BalanceHandle(
+            balancer=self,
             index=len(self._micro_batches),
             sequence=_PendingSum(local, self.sequence_group, async_op),
             batch=(_PendingSum(local, self.batch_group, async_op)
                    if self.config.scope == "global" else None),
-            score_sum=scores.detach().sum(dim=0, dtype=torch.float32),
+            score_sum=score_sum.detach().float(),
             grad_scale=grad_scale,
             report=report,
         )
-        self._micro_batches.append(micro_batch)
-        return _AttachLoss.apply(probs, scores, self, micro_batch)
+        self._micro_batches.append(handle)
+        return handle
 
     def record_load(self, tokens_per_expert: torch.Tensor) -> None:
         """Record this rank's dispatched tokens per expert of one micro-batch, for the metrics."""
@@ -193,10 +219,10 @@ class LoadBalancer:
         """
         if not self._micro_batches and not self._loads:
             return
-        for micro_batch in self._micro_batches:  # never leave a collective in flight
-            micro_batch.sequence.get()
-            if micro_batch.batch is not None:
-                micro_batch.batch.get()
+        for handle in self._micro_batches:  # never leave a collective in flight
+            handle.sequence.get()
+            if handle.batch is not None:
+                handle.batch.get()
         self._micro_batches = []
         self._batch_prefix = []
         self.last_step_loads = self._loads
@@ -207,33 +233,33 @@ class LoadBalancer:
         """Global counts and tokens accumulated so far this step (resolved micro-batches only)."""
         return self._batch_prefix[-1] if self._batch_prefix else None
 
-    def _pooled(self, micro_batch: _MicroBatch) -> torch.Tensor:
+    def _pooled(self, handle: BalanceHandle) -> torch.Tensor:
         """Counts and tokens that define f for the global term of this micro-batch."""
         if not self.config.buffer:
-            return micro_batch.batch.get()
-        while len(self._batch_prefix) <= micro_batch.index:
+            return handle.batch.get()
+        while len(self._batch_prefix) <= handle.index:
             vector = self._micro_batches[len(self._batch_prefix)].batch.get()
             if self._batch_prefix:
                 vector = self._batch_prefix[-1] + vector
             self._batch_prefix.append(vector)
-        return self._batch_prefix[micro_batch.index]
+        return self._batch_prefix[handle.index]
 
-    def score_weights(self, micro_batch: _MicroBatch) -> torch.Tensor:
+    def score_weights(self, handle: BalanceHandle) -> torch.Tensor:
         """d loss / d s_t,i for every valid local token (the same for all tokens), unscaled.
 
         Also reports each term's value divided by its coefficient, the first time.
         """
-        sequence = micro_batch.sequence.get()
+        sequence = handle.sequence.get()
         sequence_tokens = sequence[-1].clamp(min=1).double()
         weights = torch.zeros(self.num_experts, dtype=torch.float64, device=sequence.device)
         for name, coeff, pooled in self._terms:
-            totals = self._pooled(micro_batch) if pooled else sequence
+            totals = self._pooled(handle) if pooled else sequence
             f = totals[:-1].double() / (self.topk * totals[-1].clamp(min=1).double())
             scale = self.num_experts / sequence_tokens
             weights += (coeff * scale) * f
-            if micro_batch.report is not None and not micro_batch.reported:
-                micro_batch.report(name, (scale * (f * micro_batch.score_sum.double()).sum()).float())
-        micro_batch.reported = True
+            if handle.report is not None and not handle.reported:
+                handle.report(name, (scale * (f * handle.score_sum.double()).sum()).float())
+        handle.reported = True
         return weights
 
 
@@ -241,18 +267,15 @@ class _AttachLoss(torch.autograd.Function):
     """Identity on probs; in backward, adds the balancing-loss gradient to the scores."""
 
     @staticmethod
-    def forward(ctx, probs, scores, balancer: LoadBalancer, micro_batch: _MicroBatch):
-        ctx.balancer = balancer
-        ctx.micro_batch = micro_batch
+    def forward(ctx, probs, scores, handle: BalanceHandle):
+        ctx.handle = handle
         ctx.scores_shape = scores.shape
         ctx.scores_dtype = scores.dtype
         return probs
 
     @staticmethod
     def backward(ctx, grad_probs):
-        weights = ctx.balancer.score_weights(ctx.micro_batch)  # also reports the values
+        gradient = ctx.handle.gradient()  # also reports the values
         if not ctx.needs_input_grad[1]:
-            return grad_probs, None, None, None
-        scale = ctx.micro_batch.grad_scale()
-        grad = (weights.to(ctx.scores_dtype) * scale).to(ctx.scores_dtype)
-        return grad_probs, grad.expand(ctx.scores_shape), None, None
+            return grad_probs, None, None
+        return grad_probs, gradient.to(ctx.scores_dtype).expand(ctx.scores_shape), None

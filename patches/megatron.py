@@ -6,7 +6,9 @@ What it changes (and restores on unpatch):
   (whose gradient is about 1/dp too small, NVIDIA/Megatron-LM #3672, and whose accumulated
   counts are normalized by the current micro-batch's tokens, #7213).
 - TopKRouter.is_aux_loss_enabled: true when the engine has a term (or seq_aux_loss is set).
-- TopKRouter.routing: records the dispatched tokens per expert for the balance metrics.
+- TopKRouter.routing: records the dispatched tokens per expert for the balance metrics, and
+  runs the fused Triton router (moe_lbl.kernels) instead of Megatron's PyTorch routing when
+  kernels are on: automatically for CUDA logits, or forced with kernels=True.
 - finalize_model_grads.reset_model_temporary_tensors: also closes every engine's step
   (empties the count buffer), whatever balancing type is configured.
 Methods are patched on the class (router.py imports moe_utils' functions by name, so patching
@@ -19,7 +21,7 @@ import importlib
 import importlib.metadata
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 from packaging.version import Version
@@ -51,11 +53,14 @@ class PatchOptions:
     micro_coeff: float = 0.0
     buffer: bool = True
     async_sync: bool = True
+    kernels: Union[str, bool] = "auto"
 
     def __post_init__(self):
-        # BalanceConfig validates every field; coeff None is checked as 0.
+        # BalanceConfig validates every balancing field; coeff None is checked as 0.
         BalanceConfig(self.scope, 0.0 if self.coeff is None else self.coeff,
                       self.micro_coeff, self.buffer, self.async_sync)
+        if not (isinstance(self.kernels, bool) or self.kernels == "auto"):
+            raise ValueError(f"kernels must be 'auto', True or False, got {self.kernels!r}")
 
 
 def megatron_core_version() -> Optional[str]:
@@ -176,26 +181,35 @@ def balancer_of(router) -> LoadBalancer:
     return balancer
 
 
-def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+def _loss_scale(router, valid_tokens):
+    """Megatron's aux-loss gradient scale, read at backward time as MoEAuxLossAutoScaler does.
 
+    With per-token loss Megatron multiplies aux losses by the local valid tokens (see
+    TopKRouter.attach_and_log_load_balancing_loss).
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+    scale = 1.0 if scale is None else scale
+    return scale * valid_tokens if router.calculate_per_token_loss else scale
+
+
+def _register_callbacks(router, valid_tokens):
+    from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+    def report(name, value):
+        save_to_aux_losses_tracker(name, value, router.layer_number, _num_layers(router.config),
+                                   reduce_group=router.tp_cp_group)
+
+    return (lambda: _loss_scale(router, valid_tokens)), report
+
+
+def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
     balancer = balancer_of(self)
     if not balancer.enabled:
         return probs
     valid_tokens = routing_map.sum() // self.topk if with_padding_mask else routing_map.shape[0]
-    per_token_loss = self.calculate_per_token_loss
-
-    def grad_scale():
-        # Read at backward time, as Megatron's MoEAuxLossAutoScaler does; with per-token loss
-        # Megatron multiplies the aux loss by the local valid tokens (see attach_and_log_...).
-        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
-        scale = 1.0 if scale is None else scale
-        return scale * valid_tokens if per_token_loss else scale
-
-    def report(name, value):
-        save_to_aux_losses_tracker(name, value, self.layer_number, _num_layers(self.config),
-                                   reduce_group=self.tp_cp_group)
-
+    grad_scale, report = _register_callbacks(self, valid_tokens)
     return balancer.attach(probs, scores_for_aux_loss, routing_map, valid_tokens, grad_scale, report)
 
 
@@ -207,14 +221,113 @@ def _is_aux_loss_enabled(self) -> bool:
     return balancer_of(self).enabled or self.get_aux_loss_coeff("seq_aux_loss") > 0
 
 
-def _routing(self, logits, *args, **kwargs):
-    probs, routing_map = _patch.originals["routing"](self, logits, *args, **kwargs)
+def _fused_unsupported(router, logits) -> Optional[str]:
+    """Why the fused router cannot serve this call, or None."""
+    from moe_lbl.kernels.topk_router import MAX_EXPERTS, MAX_TOPK, SUPPORTED_DTYPES
+
+    config = router.config
+    if router.routing_type == "sinkhorn":
+        return "sinkhorn routing"
+    if router.get_aux_loss_coeff("seq_aux_loss") > 0:
+        return "seq_aux_loss"
+    if router.router_replay is not None:
+        return "router replay"
+    if config.moe_router_fusion:
+        return "moe_router_fusion (TransformerEngine's fused router) is on"
+    if config.num_moe_experts > MAX_EXPERTS or router.topk > MAX_TOPK:
+        return f"more than {MAX_EXPERTS} experts or top-k above {MAX_TOPK}"
+    if logits.dtype not in SUPPORTED_DTYPES:
+        return f"router logits in {logits.dtype}"
+    return None
+
+
+def _kernels_on(router, logits) -> bool:
+    from moe_lbl.kernels.topk_router import _interpreting
+
+    mode = _patch.options.kernels
+    if mode is False:
+        return False
+    reason = _fused_unsupported(router, logits)
+    if mode == "auto":
+        return logits.is_cuda and reason is None
+    if reason is not None:
+        raise ValueError(f"patch_megatron(kernels=True) cannot fuse this router: {reason}; "
+                         "use kernels='auto' to fall back to Megatron's routing where needed")
+    if not (logits.is_cuda or _interpreting()):
+        raise RuntimeError("patch_megatron(kernels=True) needs CUDA logits (or TRITON_INTERPRET=1 on CPU)")
+    return True
+
+
+def _fused_routing(router, logits, padding_mask):
+    """TopKRouter.routing on the fused kernels: the same outputs, losses and logged values."""
+    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping, save_to_aux_losses_tracker
+
+    from moe_lbl.kernels import fused_topk_router
+
+    config = router.config
+    logits = logits.view(-1, config.num_moe_experts)
+    if padding_mask is not None:
+        padding_mask = padding_mask.reshape(-1)
+    training = router.training and torch.is_grad_enabled()
+    balancer = balancer_of(router)
+    balance = training and balancer.enabled
+    z_coeff = None
+    if training and config.moe_z_loss_coeff is not None:
+        z_coeff = config.moe_z_loss_coeff / router.tp_cp_group.size()
+    handle = []  # the balancing gradient needs counts that the forward produces
+
+    def z_weight():
+        # d(coeff * mean_valid lse^2)/d lse_t = 2 coeff lse_t / N, times the aux-loss scale
+        # (which carries a factor N under per-token loss).
+        return 2 * z_coeff * _loss_scale(router, stats.valid_tokens) / stats.valid_tokens.clamp(min=1)
+
+    out = fused_topk_router(
+        logits, router.topk, score_function=router.score_function,
+        use_pre_softmax=config.moe_router_pre_softmax, num_groups=config.moe_router_num_groups,
+        group_topk=config.moe_router_group_topk, scaling_factor=config.moe_router_topk_scaling_factor,
+        expert_bias=router.expert_bias, padding_mask=padding_mask, compute_stats=training,
+        lbl_weights=(lambda: handle[0].gradient()) if balance else None,
+        z_weight=z_weight if z_coeff is not None else None,
+    )
+    stats = out.stats
+    if z_coeff is not None:
+        z_value = stats.z_sum / stats.valid_tokens.clamp(min=1)  # z_loss / coeff, as Megatron logs it
+        save_to_aux_losses_tracker("z_loss", z_value, router.layer_number, _num_layers(config))
+    probs, routing_map = out.probs, out.routing_map
+    if config.moe_expert_capacity_factor is not None:
+        probs, routing_map = apply_router_token_dropping(
+            probs, routing_map, router_topk=router.topk, capacity_factor=config.moe_expert_capacity_factor,
+            drop_policy=config.moe_token_drop_policy, pad_to_capacity=config.moe_pad_expert_input_to_capacity)
+    if balance:
+        grad_scale, report = _register_callbacks(router, stats.valid_tokens)
+        handle.append(balancer.register(stats.aux_counts, stats.valid_tokens, stats.score_sums, grad_scale, report))
+    if torch.is_grad_enabled() and (training or router.enable_expert_bias):
+        if stats is not None and config.moe_expert_capacity_factor is None:
+            load = stats.dispatch_counts
+        else:
+            load = _dispatched(routing_map, padding_mask)
+        if training:
+            balancer.record_load(load)
+        if router.enable_expert_bias:
+            # What TopKRouter._apply_expert_bias does, which in 0.16 fails with a padding mask
+            # (it combines the [T, E] map with the [T] mask without broadcasting).
+            with torch.no_grad():
+                router.local_tokens_per_expert += load
+    return probs, routing_map
+
+
+def _dispatched(routing_map, padding_mask):
+    if padding_mask is not None:
+        routing_map = routing_map & ~padding_mask.reshape(-1, 1)
+    return routing_map.sum(dim=0)
+
+
+def _routing(self, logits, padding_mask=None):
+    if _kernels_on(self, logits):
+        return _fused_routing(self, logits, padding_mask)
+    probs, routing_map = _patch.originals["routing"](self, logits, padding_mask=padding_mask)
     if self.training and torch.is_grad_enabled():  # once per micro-batch, also under recompute
-        padding_mask = kwargs.get("padding_mask", args[0] if args else None)
-        load = routing_map
-        if padding_mask is not None:
-            load = routing_map & ~padding_mask.reshape(-1, 1)
-        balancer_of(self).record_load(load.sum(dim=0))
+        balancer_of(self).record_load(_dispatched(routing_map, padding_mask))
     return probs, routing_map
 
 
@@ -238,16 +351,19 @@ def iter_balancers(model) -> Iterator[tuple[int, LoadBalancer]]:
 
 
 def patch_megatron(scope: str = "global", coeff: Optional[float] = None, micro_coeff: float = 0.0,
-                   buffer: bool = True, async_sync: bool = True, config=None) -> PatchOptions:
+                   buffer: bool = True, async_sync: bool = True, kernels: Union[str, bool] = "auto",
+                   config=None) -> PatchOptions:
     """Make every Megatron-Core TopKRouter compute moe-lbl's load-balancing loss.
 
+    kernels: "auto" runs the fused Triton router on CUDA logits where the router's options allow
+    it; True requires it (CUDA, or TRITON_INTERPRET=1 on CPU); False keeps Megatron's routing.
     Idempotent for the same arguments; new arguments re-apply the patch (routers rebuild their
     engine on their next forward). With a TransformerConfig as `config`, the mapping of its
     balancing flags is checked now instead of at the first forward. Nothing is patched if any
     check fails.
     """
     global _patch
-    options = PatchOptions(scope, coeff, micro_coeff, buffer, async_sync)
+    options = PatchOptions(scope, coeff, micro_coeff, buffer, async_sync, kernels)
     version = check_megatron_version()
     if config is not None:
         resolve_balance_config(config, options)

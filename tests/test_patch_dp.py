@@ -22,6 +22,7 @@ VARIANTS = {
     "global-no-buffer": dict(scope="global", buffer=False),
     "hybrid": dict(scope="global", micro_coeff=MICRO_COEFF),
     "micro": dict(scope="micro"),
+    "global-kernels": dict(scope="global", kernels=True),  # the fused router (interpreter on CPU)
 }
 
 
@@ -75,7 +76,7 @@ def expected(options):
         for j in range(NUM_MICRO_BATCHES):
             logits, padding = micro_batch(r, j)
             data[r, j] = (logits.view(-1, NUM_EXPERTS), padding.reshape(-1))
-    config = BalanceConfig(**{"coeff": COEFF, **options})
+    config = BalanceConfig(**{"coeff": COEFF, **{k: v for k, v in options.items() if k != "kernels"}})
     return reference_losses(data, config, NUM_EXPERTS, TOPK, loss_scale=1.0 / NUM_MICRO_BATCHES)
 
 

@@ -1,0 +1,108 @@
+"""The patched router on the fused kernels reproduces the patched router on Megatron's routing.
+
+On CPU the kernels run in Triton's interpreter (kernels=True forces them there).
+"""
+
+import pytest
+import torch
+
+import moe_lbl
+from moe_lbl.patches.megatron import balancer_of
+from moe_lbl.testing.harness import TinyGPT, build_gpt, build_router, forward_loss, synthetic_batches, take_tracker
+
+ROUTERS = {
+    "softmax-top2-global-z": dict(num_experts=8, topk=2, moe_z_loss_coeff=1e-3),
+    "sigmoid-bias-groups-micro-z": dict(num_experts=16, topk=4, moe_router_score_function="sigmoid",
+                                        moe_router_enable_expert_bias=True, moe_router_num_groups=4,
+                                        moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5,
+                                        moe_z_loss_coeff=1e-2),
+    "softmax-pre-hybrid-per-token": dict(num_experts=12, topk=3, moe_router_pre_softmax=True,
+                                         calculate_per_token_loss=True, moe_z_loss_coeff=1e-3),
+    "softmax-capacity": dict(num_experts=8, topk=2, moe_expert_capacity_factor=1.0),
+}
+SCOPES = {"softmax-top2-global-z": dict(scope="global"), "sigmoid-bias-groups-micro-z": dict(scope="micro"),
+          "softmax-pre-hybrid-per-token": dict(scope="global", micro_coeff=1e-3),
+          "softmax-capacity": dict(scope="global")}
+
+
+def run(name, kernels, logits, padding, weight):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    moe_lbl.patch_megatron(kernels=kernels, **SCOPES[name])
+    router = build_router(moe_aux_loss_coeff=0.1, **ROUTERS[name])
+    if router.expert_bias is not None:
+        router.expert_bias.copy_(torch.linspace(-0.05, 0.05, router.expert_bias.numel()))
+    results = []
+    for j in range(2):
+        x = logits[j].clone().requires_grad_()
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([0.5]))
+        probs, routing_map = router.routing(x, padding_mask=padding[j])
+        (probs * weight[j]).sum().backward()
+        results.append((probs.detach(), routing_map, x.grad, take_tracker()))
+    balancer = balancer_of(router)
+    results.append((balancer.buffered_counts, list(balancer._loads),
+                    None if router.local_tokens_per_expert is None else router.local_tokens_per_expert.clone()))
+    moe_lbl.unpatch_megatron()
+    return results
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_fused_patched_router_matches_unfused(megatron_world, name):
+    E = ROUTERS[name]["num_experts"]
+    g = torch.Generator().manual_seed(len(name))
+    logits = [torch.randn(9, 3, E, generator=g) for _ in range(2)]
+    padding = [torch.rand(9, 3, generator=g) < 0.2, None]
+    if ROUTERS[name].get("moe_router_enable_expert_bias"):
+        padding = [None, None]  # Megatron 0.16's _apply_expert_bias fails with a padding mask
+    weight = [torch.randn(27, E, generator=g) for _ in range(2)]
+    unfused = run(name, False, logits, padding, weight)
+    fused = run(name, True, logits, padding, weight)
+    for (p0, m0, g0, t0), (p1, m1, g1, t1) in zip(unfused[:2], fused[:2]):
+        assert torch.equal(m0, m1)
+        torch.testing.assert_close(p1, p0, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
+        assert t0.keys() == t1.keys() and t0
+        for key in t0:
+            torch.testing.assert_close(t1[key], t0[key], rtol=1e-5, atol=0)
+    for a, b in zip(unfused[2], fused[2]):
+        if isinstance(a, list):
+            assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+        else:
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_gpt_step_with_kernels_matches_without(megatron_world):
+    spec = TinyGPT(overrides=dict(moe_z_loss_coeff=1e-3))
+    batch = synthetic_batches(3, 0, 1, 2, spec.seq_length, spec.vocab_size)[0]
+    grads = []
+    for kernels in (False, True):
+        moe_lbl.patch_megatron(scope="global", kernels=kernels)
+        model, _ = build_gpt(spec)
+        loss = forward_loss(model, batch)
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        moe_lbl.unpatch_megatron()
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for name, g0 in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g0, rtol=1e-4, atol=1e-6 * float(g0.abs().max()) + 1e-9)
+
+
+def test_kernel_mode_is_validated(megatron_world):
+    with pytest.raises(ValueError, match="kernels must be 'auto', True or False"):
+        moe_lbl.patch_megatron(kernels="yes")
+    assert not moe_lbl.is_patched()
+    moe_lbl.patch_megatron(kernels=True)
+    router = build_router(num_experts=8, topk=2, moe_router_load_balancing_type=["seq_aux_loss"], moe_aux_loss_coeff=[0.1])
+    with pytest.raises(ValueError, match="cannot fuse this router: seq_aux_loss"):
+        router.routing(torch.randn(4, 1, 8))
+
+
+def test_fused_expert_bias_counts_exclude_padding(megatron_world):
+    moe_lbl.patch_megatron(kernels=True)
+    router = build_router(moe_aux_loss_coeff=0.1, **ROUTERS["sigmoid-bias-groups-micro-z"])
+    padding = torch.zeros(9, 3, dtype=torch.bool)
+    padding[:4] = True
+    probs, routing_map = router.routing(torch.randn(9, 3, 16), padding_mask=padding)
+    assert torch.equal(router.local_tokens_per_expert, (routing_map & ~padding.reshape(-1, 1)).sum(0).float())
+    assert int(router.local_tokens_per_expert.sum()) == 15 * 4
