@@ -82,7 +82,7 @@ def _router_fwd_kernel(
     E: tl.constexpr, K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
     GROUP_TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr,
     SOFTMAX: tl.constexpr, PRE_SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_PADDING: tl.constexpr, HAS_SCALING: tl.constexpr, STORE_WEIGHTS: tl.constexpr,
+    HAS_PADDING: tl.constexpr, HAS_SCALING: tl.constexpr,
     COMPUTE_STATS: tl.constexpr, SEPARATE_AUX_TOPK: tl.constexpr, ROUND_SELECT: tl.constexpr,
 ):
     DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
@@ -149,7 +149,7 @@ def _router_fwd_kernel(
             select = tl.where(chosen[:, :, None], select, NEG_INF)
 
         taken = expert < 0
-        rank = tl.zeros([BLOCK_T, BLOCK_G, BLOCK_GS], tl.int32) + K
+        rank = tl.zeros([BLOCK_T, BLOCK_G, BLOCK_GS], tl.int32) + K  # selection order, for weights
         for r in tl.static_range(K):
             index = _take_max(select, taken, expert, col_ok)
             tl.store(indices_ptr + rows * K + r, index, mask=row_ok)
@@ -177,10 +177,9 @@ def _router_fwd_kernel(
         probs = tl.where(taken, probs, 0.0)
         tl.store(probs_ptr + r3 * E + expert, probs.to(DTYPE), mask=ok)
         tl.store(map_ptr + r3 * E + expert, taken.to(tl.uint8), mask=ok)
-        if STORE_WEIGHTS:
-            for r in tl.static_range(K):
-                weight = _row_sum(tl.where(rank == r, probs, 0.0))
-                tl.store(weights_ptr + rows * K + r, weight.to(DTYPE), mask=row_ok)
+        for r in tl.static_range(K):
+            weight = _row_sum(tl.where(rank == r, probs, 0.0))
+            tl.store(weights_ptr + rows * K + r, weight.to(DTYPE), mask=row_ok)
 
         if COMPUTE_STATS:
             valid = row_ok
@@ -424,8 +423,7 @@ def _check_side_inputs(logits, expert_bias, padding_mask, spec: RoutingSpec):
         raise ValueError(f"padding_mask must be a bool tensor with {logits.shape[0]} elements (True = padding)")
 
 
-def _forward(logits, expert_bias, padding_mask, spec: RoutingSpec, compute_stats: bool,
-             store_weights: bool, launch: Launch) -> tuple[RouterOutput, torch.Tensor, tuple]:
+def _forward(logits, expert_bias, padding_mask, spec: RoutingSpec, compute_stats: bool, launch: Launch) -> tuple[RouterOutput, torch.Tensor, tuple]:
     num_tokens, num_experts = logits.shape
     groups, group_size, _ = _tile(spec)
     block_t, programs, num_warps = _grid(num_tokens, spec, launch, logits.device)
@@ -454,7 +452,7 @@ def _forward(logits, expert_bias, padding_mask, spec: RoutingSpec, compute_stats
             BLOCK_G=triton.next_power_of_2(groups), BLOCK_GS=triton.next_power_of_2(group_size),
             SOFTMAX=spec.score_function == "softmax", PRE_SOFTMAX=bool(spec.use_pre_softmax),
             HAS_BIAS=use_bias, HAS_PADDING=padding is not None, HAS_SCALING=bool(spec.scaling_factor),
-            STORE_WEIGHTS=store_weights, COMPUTE_STATS=compute_stats, SEPARATE_AUX_TOPK=separate_aux,
+            COMPUTE_STATS=compute_stats, SEPARATE_AUX_TOPK=separate_aux,
             ROUND_SELECT=not use_bias,  # selection scores live in the logits dtype unless biased
             num_warps=num_warps,
         )
@@ -504,7 +502,7 @@ WeightSource = Optional[Callable[[], Optional[Union[torch.Tensor, float]]]]
 class _FusedTopKRouter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, expert_bias, padding_mask, spec, compute_stats, lbl_weights, z_weight, launch, stats_box):
-        out, lse, grid = _forward(logits, expert_bias, padding_mask, spec, compute_stats, True, launch)
+        out, lse, grid = _forward(logits, expert_bias, padding_mask, spec, compute_stats, launch)
         ctx.save_for_backward(logits, out.indices, lse, padding_mask)
         ctx.spec, ctx.grid = spec, grid
         ctx.lbl_weights, ctx.z_weight = lbl_weights, z_weight

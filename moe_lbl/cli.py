@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import sys
 
@@ -36,6 +37,10 @@ def info_lines() -> list[str]:
         supported = f"yes ({patch.check_megatron_version()})"
     except patch.UnsupportedMegatronVersion as error:
         supported = f"no: {error}"
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    kernels = ("compiled for CUDA (patch_megatron(kernels='auto') uses them on CUDA logits)" if torch.cuda.is_available()
+               else "Triton CPU interpreter (TRITON_INTERPRET=1): kernels=True runs them, slowly" if interpreting
+               else "unavailable here (no CUDA); the patch uses Megatron's PyTorch routing")
     lines = [
         f"moe-lbl            {__version__}",
         f"python             {platform.python_version()} ({sys.executable})",
@@ -46,6 +51,7 @@ def info_lines() -> list[str]:
         f"apex               {apex}",
         f"CUDA               {cuda}",
         f"patch supported    {supported}",
+        f"fused kernels      {kernels}",
         "patch changes      " + ", ".join(
             [f"TopKRouter.{m}" for m in patch.PATCHED_ROUTER_METHODS] + list(patch.PATCHED_FUNCTIONS)),
         f"main job           {MAIN_JOB}",

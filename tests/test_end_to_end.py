@@ -9,6 +9,8 @@ import pytest
 from moe_lbl.demo import DemoOptions, _train_rank
 from moe_lbl.testing.harness import spawn
 
+pytestmark = pytest.mark.cpu_harness
+
 
 @pytest.mark.parametrize("scope", ["global"])
 def test_training_with_dp2_reduces_loss_and_reports_balance(scope):

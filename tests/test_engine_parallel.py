@@ -11,6 +11,8 @@ from moe_lbl.engine import BalanceConfig, LoadBalancer
 from moe_lbl.testing.harness import spawn
 from moe_lbl.testing.reference import random_micro_batch, reference_losses, topk_mask
 
+pytestmark = pytest.mark.cpu_harness
+
 NUM_EXPERTS, TOPK, NUM_MICRO_BATCHES = 6, 2, 2
 CONFIGS = {
     "micro": BalanceConfig("micro", coeff=1.0),

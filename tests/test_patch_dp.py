@@ -12,6 +12,8 @@ from moe_lbl.engine import BalanceConfig
 from moe_lbl.testing.harness import spawn
 from moe_lbl.testing.reference import reference_losses
 
+pytestmark = pytest.mark.cpu_harness
+
 NUM_EXPERTS, TOPK, COEFF, MICRO_COEFF = 8, 2, 1.0, 0.01
 SHAPES = {0: (13, 2), 1: (9, 3)}  # rank -> (seq, micro-batch size): uneven tokens per rank
 PADDING = {(0, 0): 3, (0, 1): 0, (1, 0): 11, (1, 1): 5}  # (rank, micro-batch) -> padding tokens
