@@ -65,6 +65,24 @@ def _round(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _expert_tile(G, GS, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr):
+    """Expert index and validity of a [1, BLOCK_G, BLOCK_GS] tile (groups x experts per group)."""
+    g3 = tl.arange(0, BLOCK_G)[None, :, None]
+    j3 = tl.arange(0, BLOCK_GS)[None, None, :]
+    return g3 * GS + j3, (g3 < G) & (j3 < GS), j3
+
+
+@triton.jit
+def _load_block(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T: tl.constexpr):
+    """Rows of one block and their logits in fp32 (-inf outside the experts)."""
+    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < num_tokens
+    ok = row_ok[:, None, None] & col_ok
+    x = tl.load(logits_ptr + rows[:, None, None] * stride_t + expert, mask=ok, other=0.0).to(tl.float32)
+    return rows, row_ok, ok, tl.where(col_ok, x, NEG_INF)
+
+
+@triton.jit
 def _take_max(values, taken, expert, col_ok):
     """One top-k round: the lowest expert index among the row maxima of untaken entries."""
     candidates = tl.where(taken, NEG_INF, values)
@@ -88,10 +106,7 @@ def _router_fwd_kernel(
     DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    g3 = tl.arange(0, BLOCK_G)[None, :, None]
-    j3 = tl.arange(0, BLOCK_GS)[None, None, :]
-    expert = g3 * GS + j3
-    col_ok = (g3 < G) & (j3 < GS)
+    expert, col_ok, j3 = _expert_tile(G, GS, BLOCK_G, BLOCK_GS)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert, mask=col_ok, other=0.0).to(tl.float32)
     count_aux = tl.zeros([BLOCK_G, BLOCK_GS], tl.int32)
@@ -100,12 +115,8 @@ def _router_fwd_kernel(
     z_sum = tl.zeros([BLOCK_T], tl.float32)
 
     for block in range(pid, tl.cdiv(num_tokens, BLOCK_T), num_programs):
-        rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
-        row_ok = rows < num_tokens
+        rows, row_ok, ok, x = _load_block(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T)
         r3 = rows[:, None, None]
-        ok = row_ok[:, None, None] & col_ok
-        x = tl.load(logits_ptr + r3 * stride_t + expert, mask=ok, other=0.0).to(tl.float32)
-        x = tl.where(col_ok, x, NEG_INF)
         row_max = _row_max(x)
         shifted = tl.exp(x - row_max[:, None, None])
         denominator = _row_sum(shifted)
@@ -230,22 +241,15 @@ def _router_bwd_kernel(
     DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    g3 = tl.arange(0, BLOCK_G)[None, :, None]
-    j3 = tl.arange(0, BLOCK_GS)[None, None, :]
-    expert = g3 * GS + j3
-    col_ok = (g3 < G) & (j3 < GS)
+    expert, col_ok, _ = _expert_tile(G, GS, BLOCK_G, BLOCK_GS)
     if HAS_LBL:
         lbl_weight = tl.load(lbl_weight_ptr + expert, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_Z:
         z_weight = tl.load(z_weight_ptr).to(tl.float32)
 
     for block in range(pid, tl.cdiv(num_tokens, BLOCK_T), num_programs):
-        rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
-        row_ok = rows < num_tokens
+        rows, row_ok, ok, x = _load_block(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T)
         r3 = rows[:, None, None]
-        ok = row_ok[:, None, None] & col_ok
-        x = tl.load(logits_ptr + r3 * stride_t + expert, mask=ok, other=0.0).to(tl.float32)
-        x = tl.where(col_ok, x, NEG_INF)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         softmax = tl.exp(x - lse[:, None, None])
 

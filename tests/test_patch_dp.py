@@ -10,7 +10,7 @@ import torch
 
 from moe_lbl.engine import BalanceConfig
 from moe_lbl.testing.harness import spawn
-from moe_lbl.testing.reference import reference_losses
+from moe_lbl.testing.reference import assert_matches_reference, reference_losses
 
 pytestmark = pytest.mark.cpu_harness
 
@@ -89,15 +89,9 @@ def ranks():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_each_micro_batch_matches_the_formulas(ranks, variant):
-    want = expected(VARIANTS[variant])
-    for r, result in enumerate(ranks):
-        grads, logged = result[variant]
-        for j in range(NUM_MICRO_BATCHES):
-            want_grad, want_values = want[r, j]
-            torch.testing.assert_close(grads[j].double(), want_grad, rtol=1e-5, atol=1e-8)
-            assert logged[j].keys() == want_values.keys()
-            for name, value in want_values.items():
-                assert logged[j][name] == pytest.approx(value, rel=1e-6), (r, j, name)
+    assert_matches_reference({(r, j): (result[variant][0][j], result[variant][1][j])
+                              for r, result in enumerate(ranks) for j in range(NUM_MICRO_BATCHES)},
+                             expected(VARIANTS[variant]))
 
 
 def test_async_and_sync_give_identical_results(ranks):
