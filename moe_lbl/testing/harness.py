@@ -1,6 +1,7 @@
-"""A small Megatron-Core GPT-MoE trained on CPU with gloo ranks, for tests and the demo.
+"""A small Megatron-Core GPT-MoE trained with data-parallel ranks, for tests, demo and benchmarks.
 
-`spawn` starts the ranks; `distributed` sets up gloo and Megatron's parallel state in one;
+On CPU the ranks use gloo and the CPU shims; where CUDA is available, NCCL and one GPU per rank.
+`spawn` starts the ranks; `distributed` sets up the process group and Megatron's parallel state;
 `build_gpt` makes the model; `train_step` mirrors Megatron's no-pipelining schedule
 (`forward_backward_no_pipelining` hard-codes CUDA tensors) followed by `finalize_model_grads`.
 """
@@ -39,15 +40,24 @@ class TinyGPT:
     overrides: dict = field(default_factory=dict)
 
 
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 @contextlib.contextmanager
 def distributed(rank: int, world_size: int, init_file: str, tensor_parallel: int = 1):
-    """gloo process group, Megatron parallel state and the CPU shims, torn down on exit."""
+    """Process group and Megatron parallel state (plus the CPU shims on CPU), torn down on exit."""
     from megatron.core import parallel_state
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world_size)
     try:
-        with cpu_shims():
+        with contextlib.nullcontext() if cuda else cpu_shims():
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
             try:
                 yield
@@ -94,7 +104,7 @@ def build_gpt(spec: TinyGPT, seed: int = 0):
     layer_spec = get_gpt_layer_local_spec(num_experts=spec.num_experts, moe_grouped_gemm=False)
     model = GPTModel(config=config, transformer_layer_spec=layer_spec,
                      vocab_size=spec.vocab_size, max_sequence_length=spec.seq_length)
-    return model, config
+    return model.to(device()), config
 
 
 def wrap_ddp(model, config):
@@ -121,11 +131,13 @@ class MicroBatch:
 
 def forward_loss(model, batch: MicroBatch) -> torch.Tensor:
     """Mean token loss of one micro-batch (loss_mask-weighted)."""
+    dev = device()
     b, s = batch.tokens.shape
-    positions = torch.arange(s).unsqueeze(0).expand(b, s)
-    kwargs = {} if batch.padding_mask is None else {"padding_mask": batch.padding_mask}
-    losses = model(batch.tokens, positions, causal_mask(s), labels=batch.labels, **kwargs)
-    return (losses.float() * batch.loss_mask).sum() / batch.loss_mask.sum().clamp(min=1)
+    positions = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
+    kwargs = {} if batch.padding_mask is None else {"padding_mask": batch.padding_mask.to(dev)}
+    losses = model(batch.tokens.to(dev), positions, causal_mask(s).to(dev), labels=batch.labels.to(dev), **kwargs)
+    loss_mask = batch.loss_mask.to(dev)
+    return (losses.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
 
 
 def train_step(ddp_model, optimizer, micro_batches: list[MicroBatch]) -> float:
@@ -136,17 +148,17 @@ def train_step(ddp_model, optimizer, micro_batches: list[MicroBatch]) -> float:
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad(set_to_none=True)
     num_micro_batches = len(micro_batches)
-    total = 0.0
+    total = torch.zeros((), device=device())
     for batch in micro_batches:
         loss = forward_loss(ddp_model, batch) / num_micro_batches
-        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / num_micro_batches)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device()) / num_micro_batches)
         loss.backward()
-        total += float(loss.detach())
+        total += loss.detach()
     finalize_model_grads([ddp_model])
     for param in ddp_model.parameters():
         param.grad = param.main_grad.to(param.dtype)
     optimizer.step()
-    return total
+    return float(total)  # the step's one host synchronization
 
 
 def _worker(fn, rank, world_size, init_file, out_dir, tensor_parallel, args):

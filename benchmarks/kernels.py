@@ -1,0 +1,257 @@
+"""Router microbenchmarks: the same work by each provider, side by side.
+
+The work, for logits [T, E]: top-k routing (probs and routing map), the aux-loss scores and their
+top-k counts, the load-balancing loss and the z-loss; backward: the logits gradient of
+sum(probs * g) + LBL + z-loss. Providers:
+
+- moe-lbl:  the fused Triton kernels (CUDA only; the CPU interpreter is not benchmarked)
+- eager:    Megatron-Core's PyTorch functions
+- compiled: torch.compile of the eager path
+- te:       TransformerEngine's fused router functions (z-loss eager), where importable
+
+    python -m benchmarks.kernels --preset headline --out benchmarks/results/run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional
+
+import torch
+
+from benchmarks.common import card, copy_bandwidth_gbps, format_table, measure_ms, timestamp, versions, write_csv
+
+PROVIDERS = ("moe-lbl", "eager", "compiled", "te")
+OPS = ("fwd", "bwd", "both")
+COLUMNS = ["provider", "op", "score_function", "tokens", "experts", "topk", "dtype", "median_ms", "p20_ms",
+           "p80_ms", "gbps", "floor_ms", "of_floor", "speedup_vs_eager", "status", "card", "versions",
+           "timestamp", "command"]
+PRESETS = {
+    "tiny": dict(tokens=[256], experts=[8], topk=[2], dtypes=["fp32"]),
+    "headline": dict(tokens=[16384, 65536, 262144], experts=[64, 128, 256], topk=[4, 8], dtypes=["bf16"]),
+    "sweep": dict(tokens=[1024, 4096, 16384, 65536, 262144], experts=[8, 64, 128, 160, 256],
+                  topk=[1, 2, 4, 8], dtypes=["fp32", "bf16"]),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COEFF, Z_COEFF = 1e-2, 1e-3
+
+
+def _eager(logits, k, score_function):
+    from megatron.core.transformer.moe.moe_utils import (
+        compute_routing_scores_for_aux_loss,
+        switch_load_balancing_loss_func,
+        topk_routing_with_score_function,
+        z_loss_func,
+    )
+
+    num_tokens, num_experts = logits.shape
+    probs, routing_map = topk_routing_with_score_function(logits, k, score_function=score_function,
+                                                          use_pre_softmax=k == 1)
+    aux_map, scores = compute_routing_scores_for_aux_loss(logits, k, score_function)
+    counts = aux_map.sum(dim=0)
+    lbl = switch_load_balancing_loss_func(scores, counts, num_tokens, k, num_experts, COEFF)
+    return probs, routing_map, counts, lbl, z_loss_func(logits, Z_COEFF)
+
+
+def _te(logits, k, score_function):
+    from megatron.core.transformer.moe.moe_utils import z_loss_func
+    from transformer_engine.pytorch.router import (
+        fused_compute_score_for_moe_aux_loss,
+        fused_moe_aux_loss,
+        fused_topk_with_score_function,
+    )
+
+    num_tokens, num_experts = logits.shape
+    probs, routing_map = fused_topk_with_score_function(
+        logits=logits, topk=k, use_pre_softmax=k == 1, num_groups=None, group_topk=None,
+        scaling_factor=None, score_function=score_function, expert_bias=None)
+    aux_map, scores = fused_compute_score_for_moe_aux_loss(logits=logits, topk=k, score_function=score_function)
+    counts = aux_map.sum(dim=0)
+    lbl = fused_moe_aux_loss(probs=scores, tokens_per_expert=counts, total_num_tokens=num_tokens,
+                             num_experts=num_experts, topk=k, coeff=COEFF)
+    return probs, routing_map, counts, lbl, z_loss_func(logits, Z_COEFF)
+
+
+def _fused(logits, k, score_function):
+    from moe_lbl.kernels import fused_topk_router
+
+    num_tokens, num_experts = logits.shape
+    scale = COEFF * num_experts / (k * num_tokens * num_tokens)
+    stats = []
+    out = fused_topk_router(logits, k, score_function=score_function, use_pre_softmax=k == 1,
+                            lbl_weights=lambda: scale * stats[0].aux_counts.float(),
+                            z_weight=lambda: 2 * Z_COEFF / num_tokens)
+    stats.append(out.stats)
+    lbl = (out.stats.score_sums * out.stats.aux_counts).sum() * scale
+    z = out.stats.z_sum * (Z_COEFF / num_tokens)
+    return out.probs, out.routing_map, out.stats.aux_counts, lbl, z
+
+
+def availability(provider: str) -> Optional[str]:
+    """None if the provider can run here, else why not."""
+    if provider == "moe-lbl" and not torch.cuda.is_available():
+        return "unavailable: the Triton kernels need a CUDA device (the CPU interpreter is not benchmarked)"
+    if provider == "te":
+        try:
+            import transformer_engine.pytorch.router  # noqa: F401
+        except Exception as error:  # ImportError, or a broken TE install
+            return f"unavailable: TransformerEngine's router cannot be imported ({type(error).__name__})"
+    if provider in ("eager", "compiled", "te"):
+        try:
+            import megatron.core.transformer.moe.moe_utils  # noqa: F401
+        except ImportError:
+            return "unavailable: megatron-core is not installed"
+    return None
+
+
+_COMPILED = {}
+
+
+def provider_fn(provider: str) -> Callable:
+    if provider == "compiled":
+        if "fn" not in _COMPILED:
+            # The bwd timing back-propagates one graph repeatedly (retain_graph), which compiled
+            # graphs refuse while they donate their buffers.
+            torch._functorch.config.donated_buffer = False
+            _COMPILED["fn"] = torch.compile(_eager, dynamic=True)
+        return _COMPILED["fn"]
+    return {"moe-lbl": _fused, "eager": _eager, "te": _te}[provider]
+
+
+def bytes_moved(op: str, tokens: int, experts: int, dtype: torch.dtype) -> int:
+    """Essential traffic: forward reads logits, writes probs and the bool map; backward reads
+    logits and the probs gradient, writes the logits gradient."""
+    size = torch.finfo(dtype).bits // 8
+    forward = tokens * experts * (2 * size + 1)
+    backward = tokens * experts * 3 * size
+    return {"fwd": forward, "bwd": backward, "both": forward + backward}[op]
+
+
+def _timed(fn, op, logits, grad, k, score_function):
+    def forward():
+        return fn(logits, k, score_function)
+
+    def backward_of(outputs):
+        probs, _, _, lbl, z = outputs
+        torch.autograd.backward([probs, lbl, z], [grad, torch.ones_like(lbl), torch.ones_like(z)], retain_graph=True)
+
+    if op == "fwd":
+        return measure_ms(forward)  # with autograd recording, as in training
+    if op == "bwd":
+        outputs = forward()
+        return measure_ms(lambda: backward_of(outputs))
+    return measure_ms(lambda: backward_of(forward()))
+
+
+def run(providers, ops, tokens, experts, topk, dtypes, score_function, command) -> tuple[list[dict], float]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bandwidth = copy_bandwidth_gbps()
+    common = dict(card=card(), versions=versions(), timestamp=timestamp(), command=command,
+                  score_function=score_function)
+    rows = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for num_experts in experts:
+            for k in topk:
+                if k > num_experts:
+                    continue
+                for num_tokens in tokens:
+                    g = torch.Generator(device=device).manual_seed(num_tokens + num_experts + k)
+                    logits = torch.randn(num_tokens, num_experts, generator=g, device=device).to(dtype)
+                    logits.requires_grad_()
+                    grad = torch.randn(num_tokens, num_experts, generator=g, device=device).to(dtype)
+                    eager_ms = {}
+                    for provider in providers:
+                        reason = availability(provider)
+                        for op in ops:
+                            row = dict(common, provider=provider, op=op, tokens=num_tokens, experts=num_experts,
+                                       topk=k, dtype=dtype_name)
+                            if reason:
+                                rows.append(dict(row, status=reason))
+                                continue
+                            try:
+                                median, p20, p80 = _timed(provider_fn(provider), op, logits, grad, k, score_function)
+                            except Exception as error:  # report, keep measuring the others
+                                rows.append(dict(row, status=f"failed: {type(error).__name__}: {error}"[:300]))
+                                continue
+                            moved = bytes_moved(op, num_tokens, num_experts, dtype)
+                            floor_ms = moved / (bandwidth * 1e9) * 1e3
+                            if provider == "eager":
+                                eager_ms[op] = median
+                            rows.append(dict(
+                                row, status="ok", median_ms=f"{median:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}",
+                                gbps=f"{moved / (median * 1e-3) / 1e9:.4g}", floor_ms=f"{floor_ms:.4f}",
+                                of_floor=f"{floor_ms / median:.4g}",
+                                speedup_vs_eager=f"{eager_ms[op] / median:.2f}" if op in eager_ms else ""))
+    return rows, bandwidth
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if r["status"] == "ok" and r["op"] == "both" and r.get("speedup_vs_eager")]
+    dtypes = sorted({r["dtype"] for r in measured}) or ["none"]
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        series = {}
+        for r in measured:
+            if r["dtype"] == dtype:
+                series.setdefault((r["provider"], r["experts"], r["topk"]), []).append(
+                    (int(r["tokens"]), float(r["speedup_vs_eager"])))
+        for (provider, experts, k), points in sorted(series.items()):
+            points.sort()
+            ax.plot(*zip(*points), marker="o", label=f"{provider} E={experts} k={k}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("speedup over Megatron eager (fwd+bwd)")
+        ax.set_title(f"{dtype} on {rows[0]['card'] if rows else '?'}")
+        ax.grid(True, alpha=0.3)
+        if series:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="headline")
+    parser.add_argument("--tokens", type=int, nargs="+")
+    parser.add_argument("--experts", type=int, nargs="+")
+    parser.add_argument("--topk", type=int, nargs="+")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--score-function", choices=["softmax", "sigmoid"], default="softmax")
+    parser.add_argument("--out", default="benchmarks/results/kernels")
+    args = parser.parse_args(argv)
+    if "eager" not in args.providers:
+        args.providers.insert(0, "eager")  # the speedup column needs it
+    config = {key: getattr(args, key) or value for key, value in PRESETS[args.preset].items()}
+    bad = [t for t in config["tokens"] if t < 1] + [e for e in config["experts"] if e < 1] + [k for k in config["topk"] if k < 1]
+    if bad:
+        parser.error(f"tokens, experts and topk must be >= 1, got {bad}")
+    command = "python -m benchmarks.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows, bandwidth = run(args.providers, args.ops, config["tokens"], config["experts"], config["topk"],
+                          config["dtypes"], args.score_function, command)
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(os.path.join(args.out, "kernels.csv"), rows, COLUMNS)
+    plot(rows, os.path.join(args.out, "kernels.png"))
+    shown = ["provider", "op", "tokens", "experts", "topk", "dtype", "median_ms", "p20_ms", "p80_ms", "gbps",
+             "of_floor", "speedup_vs_eager"]
+    print(f"{rows[0]['card'] if rows else card()}; copy bandwidth {bandwidth:.1f} GB/s (read + write); {versions()}")
+    print(format_table([r for r in rows if r["status"] == "ok"], shown))
+    for reason in sorted({(r["provider"], r["status"]) for r in rows if r["status"] != "ok"}):
+        print(f"{reason[0]}: {reason[1]}")
+    print(f"wrote {os.path.join(args.out, 'kernels.csv')} and kernels.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
