@@ -22,6 +22,7 @@ reporting callable.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -92,22 +93,79 @@ def group_size(group) -> int:
 
 
 class _PendingSum:
-    """A [N_E + 1] int64 vector (per-expert counts, then tokens), summed over a group, maybe in flight."""
+    """A [N_E + 1] int64 vector (per-expert counts, then tokens) summed over a group.
 
-    def __init__(self, local: torch.Tensor, group, async_op: bool):
+    Blocking sums are reduced at once; asynchronous ones join the group's bucket and are
+    reduced together with the other layers' vectors of the same micro-batch.
+    """
+
+    def __init__(self, owner: int, local: torch.Tensor, group, async_op: bool):
+        self._bucket = None
+        self._value = local
         self._work = None
         if group_size(group) > 1:
-            local = local.clone()
-            self._work = dist.all_reduce(local, group=group, async_op=async_op)
-            if not async_op:
-                self._work = None
-        self._value = local
+            if async_op:
+                self._bucket = _bucket(group)
+                self._bucket.add(owner, self)
+            else:
+                self._value = local.clone()
+                dist.all_reduce(self._value, group=group)
 
     def get(self) -> torch.Tensor:
+        if self._bucket is not None:
+            self._bucket.flush()  # no-op if this vector's collective was launched already
+            self._bucket = None
         if self._work is not None:
             self._work.wait()
             self._work = None
         return self._value
+
+
+class _CountBucket:
+    """Coalesces one micro-batch's count all-reduces of all layers into one collective.
+
+    The bucket is flushed (the collective launched asynchronously) as soon as the layers that
+    made up the previous flush have all added their vectors, which is the end of the forward
+    pass in steady state; otherwise when a value is first needed, or when a layer adds a second
+    vector before a flush. These points depend only on the order of the calls, which is the same
+    on every rank, so every rank issues the same collectives.
+    """
+
+    def __init__(self, group):
+        self.group = group
+        self.pending: list[tuple[int, _PendingSum]] = []
+        self.expected: Optional[list[int]] = None  # owners of the previous flush, in order
+
+    def add(self, owner: int, entry: _PendingSum) -> None:
+        if any(owner == o for o, _ in self.pending):
+            self.flush()
+        self.pending.append((owner, entry))
+        if [o for o, _ in self.pending] == self.expected:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        entries = [e for _, e in self.pending]
+        packed = torch.cat([e._value for e in entries])
+        work = dist.all_reduce(packed, group=self.group, async_op=True)
+        offset = 0
+        for entry in entries:
+            size = entry._value.numel()
+            entry._value, entry._work = packed[offset:offset + size], work
+            offset += size
+        self.expected = [o for o, _ in self.pending]
+        self.pending = []
+
+
+_BUCKETS: dict = {}
+_SERIALS = itertools.count()
+
+
+def _bucket(group) -> _CountBucket:
+    if group not in _BUCKETS:
+        _BUCKETS[group] = _CountBucket(group)
+    return _BUCKETS[group]
 
 
 @dataclass
@@ -148,6 +206,7 @@ class LoadBalancer:
         if not 1 <= topk <= num_experts:
             raise ValueError(f"topk must be in [1, num_experts={num_experts}], got {topk}")
         self.config = config
+        self.serial = next(_SERIALS)  # creation order: the same on every rank, unlike id()
         self.num_experts = num_experts
         self.topk = topk
         self.sequence_group = sequence_group
@@ -198,8 +257,8 @@ class LoadBalancer:
         handle = BalanceHandle(
             balancer=self,
             index=len(self._micro_batches),
-            sequence=_PendingSum(local, self.sequence_group, async_op),
-            batch=(_PendingSum(local, self.batch_group, async_op)
+            sequence=_PendingSum(self.serial, local, self.sequence_group, async_op),
+            batch=(_PendingSum(self.serial, local, self.batch_group, async_op)
                    if self.config.scope == "global" else None),
             score_sum=score_sum.detach().float(),
             grad_scale=grad_scale,

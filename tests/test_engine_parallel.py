@@ -62,3 +62,49 @@ def test_tensor_parallel_ranks_share_token_totals(ranks, name):
     want = reference_losses(data, CONFIGS[name], NUM_EXPERTS, TOPK, 1.0 / NUM_MICRO_BATCHES, tensor_parallel=2)
     assert_matches_reference({(r, j): (result[name][0][j], result[name][1][j])
                               for r, result in enumerate(ranks) for j in range(NUM_MICRO_BATCHES)}, want)
+
+
+def coalescing_worker(rank, world_size):
+    """3 layers x 3 micro-batches, global async: one all-reduce per micro-batch, launched at the
+    end of the forward pass once the layers are known."""
+    import torch.distributed as dist
+
+    import moe_lbl.engine as engine
+
+    calls = []
+    real_all_reduce = engine.dist.all_reduce
+    engine.dist.all_reduce = lambda *a, **k: calls.append(a[0].numel()) or real_all_reduce(*a, **k)
+    try:
+        layers = [LoadBalancer(BalanceConfig("global", coeff=1.0), NUM_EXPERTS, TOPK, batch_group=dist.group.WORLD)
+                  for _ in range(3)]
+        after_forward, grads, logged = [], {}, {}
+        for j in range(3):
+            outs = []
+            for layer, balancer in enumerate(layers):
+                logits, padding = micro_batch(rank + 2 * layer, j)
+                logits.requires_grad_()
+                scores = torch.softmax(logits, dim=-1) * (~padding).unsqueeze(1)
+                values = logged.setdefault((layer, rank, j), {})
+                out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores,
+                                      topk_mask(logits.detach(), TOPK, padding), int((~padding).sum()),
+                                      lambda: 1.0, lambda n, v, values=values: values.__setitem__(n, float(v)))
+                outs.append((layer, logits, out))
+            after_forward.append(len(calls))
+            for layer, logits, out in reversed(outs):  # backward runs the last layer first
+                out.sum().backward()
+                grads[layer, rank, j] = logits.grad
+    finally:
+        engine.dist.all_reduce = real_all_reduce
+    return calls, after_forward, grads, logged
+
+
+def test_layers_share_one_all_reduce_per_micro_batch():
+    results = spawn(coalescing_worker, 2)
+    for calls, after_forward, _, _ in results:
+        assert calls == [3 * (NUM_EXPERTS + 1)] * 3
+        assert after_forward == [0, 2, 3]  # micro-batches 1 and 2 launched before their backward
+    for layer in range(3):
+        data = {(r, j): micro_batch(r + 2 * layer, j) for r in range(2) for j in range(3)}
+        want = reference_losses(data, BalanceConfig("global", coeff=1.0), NUM_EXPERTS, TOPK)
+        assert_matches_reference({(r, j): (results[r][2][layer, r, j], results[r][3][layer, r, j])
+                                  for r in range(2) for j in range(3)}, want)
