@@ -14,7 +14,8 @@ sequence group (the ranks that split one sequence: tensor x context parallel). f
 
 The step objective is the mean of loss_rj over ranks and micro-batches (paper Eq. 6), which the
 caller's loss scale provides. Since f is needed only for the gradient (and the logged value),
-the count all-reduce is launched in forward and waited on in backward when `async_sync` is set.
+the count all-reduce is launched in forward and waited on in backward when `async_sync` is set;
+the layers' counts of one micro-batch travel in one collective.
 
 Nothing here knows Megatron: the caller passes process groups, a loss-scale callable and a
 reporting callable.
