@@ -1,4 +1,5 @@
-"""The `moe-lbl` command line: `info` for bug reports, `demo` for the main job."""
+"""The `moe-lbl` command line: `info` for bug reports, `demo` for the main job, `run` to launch
+a training script with the patch applied."""
 
 from __future__ import annotations
 
@@ -74,8 +75,15 @@ def _demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # everything after "run" belongs to the launcher and the script
+        from moe_lbl.run import main as run
+
+        run(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="moe-lbl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run a training script with the patch applied: moe-lbl run [options] -- SCRIPT.py [args]")
     commands.add_parser("info", help="versions, CUDA and patch support, for bug reports")
     demo = commands.add_parser("demo", help="train a small Megatron-Core GPT-MoE on CPU, micro vs global balance")
     demo.add_argument("--steps", type=int, default=20)
