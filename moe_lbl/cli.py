@@ -36,8 +36,9 @@ def info_lines() -> list[str]:
             else "not installed")
     try:
         supported = f"yes ({patch.check_megatron_version()})"
+        changes = ", ".join(patch.patch_points())
     except patch.UnsupportedMegatronVersion as error:
-        supported = f"no: {error}"
+        supported, changes = f"no: {error}", "nothing"
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     kernels = ("compiled for CUDA (patch_megatron(kernels='auto') uses them on CUDA logits)" if torch.cuda.is_available()
                else "Triton CPU interpreter (TRITON_INTERPRET=1): kernels=True runs them, slowly" if interpreting
@@ -53,8 +54,7 @@ def info_lines() -> list[str]:
         f"CUDA               {cuda}",
         f"patch supported    {supported}",
         f"fused kernels      {kernels}",
-        "patch changes      " + ", ".join(
-            [f"TopKRouter.{m}" for m in patch.PATCHED_ROUTER_METHODS] + list(patch.PATCHED_FUNCTIONS)),
+        f"patch changes      {changes}",
         f"main job           {MAIN_JOB}",
     ]
     return lines

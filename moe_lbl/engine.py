@@ -222,23 +222,22 @@ class LoadBalancer:
     def enabled(self) -> bool:
         return bool(self._terms)
 
-    def attach(self, probs: torch.Tensor, scores: torch.Tensor, routing_map: torch.Tensor,
+    def attach(self, probs: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor,
                valid_tokens: Union[int, torch.Tensor],
                grad_scale: Callable[[], Union[torch.Tensor, float]],
                report: Optional[Callable[[str, torch.Tensor], None]] = None) -> torch.Tensor:
         """Register one micro-batch and return `probs` carrying the loss gradient to `scores`.
 
-        scores: [T, N_E] balancing scores (rows of padding tokens zero); routing_map: [T, N_E]
-        top-k mask over those scores (padding rows False); valid_tokens: this rank's non-padding
-        tokens. grad_scale() is read in backward (Megatron's aux-loss scale); report(name, value)
-        receives each term's loss value divided by its coefficient once the counts have arrived.
+        scores: [T, N_E] balancing scores (rows of padding tokens zero); counts: [N_E] tokens
+        per expert under the top-k of those scores (padding excluded); valid_tokens: this rank's
+        non-padding tokens. grad_scale() is read in backward (Megatron's aux-loss scale);
+        report(name, value) receives each term's loss value divided by its coefficient once the
+        counts have arrived.
         """
         if scores.dim() != 2 or scores.shape[1] != self.num_experts:
             raise ValueError(f"scores must be [tokens, {self.num_experts}], got {tuple(scores.shape)}")
-        if routing_map.shape != scores.shape:
-            raise ValueError(f"routing_map {tuple(routing_map.shape)} must match scores {tuple(scores.shape)}")
-        handle = self.register(routing_map.sum(dim=0, dtype=torch.int64), valid_tokens,
-                               scores.detach().sum(dim=0, dtype=torch.float32), grad_scale, report)
+        handle = self.register(counts, valid_tokens, scores.detach().sum(dim=0, dtype=torch.float32),
+                               grad_scale, report)
         return _AttachLoss.apply(probs, scores, handle)
 
     def register(self, counts: torch.Tensor, valid_tokens: Union[int, torch.Tensor], score_sum: torch.Tensor,

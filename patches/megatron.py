@@ -1,16 +1,18 @@
 """Runtime adapter: moe-lbl's balancing engine inside Megatron-Core's TopKRouter.
 
-What it changes (and restores on unpatch):
-- TopKRouter._apply_aux_loss: the micro/global/hybrid loss of moe_lbl.engine, one per layer.
-- TopKRouter._apply_global_aux_loss: a no-op; the engine's global term replaces Megatron's
-  (whose gradient is about 1/dp too small, NVIDIA/Megatron-LM #3672, and whose accumulated
-  counts are normalized by the current micro-batch's tokens, #7213).
-- TopKRouter.is_aux_loss_enabled: true when the engine has a term (or seq_aux_loss is set).
+What it changes (and restores on unpatch), by what the installed Megatron-Core has:
+- the micro-batch aux loss becomes the micro/global/hybrid loss of moe_lbl.engine, one per
+  layer: TopKRouter._apply_aux_loss (0.14+) or TopKRouter.apply_load_balancing_loss (0.12, 0.13);
+- TopKRouter._apply_global_aux_loss (0.15+): a no-op; the engine's global term replaces
+  Megatron's (whose gradient is about 1/dp too small, NVIDIA/Megatron-LM #3672, and whose
+  accumulated counts are normalized by the current micro-batch's tokens, #7213);
+- TopKRouter.is_aux_loss_enabled (0.14+): true when the engine has a term or seq_aux_loss is set;
 - TopKRouter.routing: records the dispatched tokens per expert for the balance metrics, and
-  runs the fused Triton router (moe_lbl.kernels) instead of Megatron's PyTorch routing when
-  kernels are on: automatically for CUDA logits, or forced with kernels=True.
-- finalize_model_grads.reset_model_temporary_tensors: also closes every engine's step
-  (empties the count buffer), whatever balancing type is configured.
+  runs the fused Triton router (moe_lbl.kernels; 0.14+) instead of Megatron's PyTorch routing
+  when kernels are on: automatically for CUDA logits, or forced with kernels=True;
+- the per-step reset closes every engine's step (empties the count buffer), whatever balancing
+  type is configured: finalize_model_grads.reset_model_temporary_tensors (0.15+), or
+  DistributedDataParallel.finish_grad_sync (0.12 to 0.14), both called by finalize_model_grads.
 Methods are patched on the class (router.py imports moe_utils' functions by name, so patching
 moe_utils would change nothing), guarded by a sentinel attribute.
 """
@@ -28,13 +30,12 @@ from packaging.version import Version
 
 from moe_lbl.engine import BalanceConfig, LoadBalancer
 
-SUPPORTED_MIN = (0, 16, 0)
+SUPPORTED_MIN = (0, 12, 0)
 SUPPORTED_MAX = (0, 17, 0)  # exclusive
-SUPPORTED_RANGE = ">=0.16.0,<0.17.0"
+SUPPORTED_RANGE = ">=0.12.0,<0.17.0"
 
-PATCHED_ROUTER_METHODS = ("_apply_aux_loss", "_apply_global_aux_loss", "is_aux_loss_enabled", "routing")
 _FINALIZE_MODULE = "megatron.core.distributed.finalize_model_grads"
-PATCHED_FUNCTIONS = (f"{_FINALIZE_MODULE}.reset_model_temporary_tensors",)
+_DDP_MODULE = "megatron.core.distributed.distributed_data_parallel"
 
 _SENTINEL = "_moe_lbl_patch"
 _BALANCER = "_moe_lbl_balancer"
@@ -86,6 +87,65 @@ def check_megatron_version(version: Optional[str] = None) -> str:
             "Install a supported version, e.g. pip install 'megatron-core==0.16.1'"
         )
     return version
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the installed Megatron-Core offers that the patch depends on."""
+
+    version: str
+    padding_mask: bool  # routing(logits, padding_mask) (0.16+)
+    apply_aux_loss: bool  # TopKRouter._apply_aux_loss and is_aux_loss_enabled (0.14+)
+    global_aux_loss: bool  # the "global_aux_loss" balancing type (0.15+)
+    reset_hook: str  # where the per-step reset is hooked
+
+    @property
+    def fused_routing(self) -> bool:
+        return self.apply_aux_loss  # the fused path uses moe_utils.apply_router_token_dropping
+
+
+def features() -> Features:
+    import inspect
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    finalize = importlib.import_module(_FINALIZE_MODULE)
+    methods = TopKRouter.__dict__
+    return Features(
+        version=check_megatron_version(),
+        padding_mask="padding_mask" in inspect.signature(TopKRouter.routing).parameters,
+        apply_aux_loss="_apply_aux_loss" in methods and "is_aux_loss_enabled" in methods,
+        global_aux_loss="_apply_global_aux_loss" in methods,
+        reset_hook=(f"{_FINALIZE_MODULE}.reset_model_temporary_tensors"
+                    if hasattr(finalize, "reset_model_temporary_tensors")
+                    else f"{_DDP_MODULE}.DistributedDataParallel.finish_grad_sync"),
+    )
+
+
+def _patch_points() -> list[tuple[object, str, object]]:
+    """(owner, attribute, replacement) for the installed Megatron-Core."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    found = features()
+    points = [(TopKRouter, "routing", _routing)]
+    if found.apply_aux_loss:
+        points += [(TopKRouter, "_apply_aux_loss", _apply_aux_loss),
+                   (TopKRouter, "is_aux_loss_enabled", _is_aux_loss_enabled)]
+        if found.global_aux_loss:
+            points.append((TopKRouter, "_apply_global_aux_loss", _apply_global_aux_loss))
+    elif "apply_load_balancing_loss" in TopKRouter.__dict__:
+        points.append((TopKRouter, "apply_load_balancing_loss", _apply_load_balancing_loss))
+    else:
+        raise UnsupportedMegatronVersion(
+            f"megatron-core {found.version}: TopKRouter has neither _apply_aux_loss nor "
+            f"apply_load_balancing_loss; supported: megatron-core{SUPPORTED_RANGE}; nothing was patched")
+    finalize = importlib.import_module(_FINALIZE_MODULE)
+    if hasattr(finalize, "reset_model_temporary_tensors"):
+        points.append((finalize, "reset_model_temporary_tensors", _reset_model_temporary_tensors))
+    else:
+        ddp = importlib.import_module(_DDP_MODULE).DistributedDataParallel
+        points.append((ddp, "finish_grad_sync", _finish_grad_sync))
+    return points
 
 
 def _balancing_types(config) -> dict[str, float]:
@@ -144,8 +204,12 @@ def resolve_balance_config(config, options: PatchOptions) -> BalanceConfig:
 class _Patch:
     options: PatchOptions
     version: str
-    originals: dict
+    originals: list  # (owner, attribute, original)
     routers: "weakref.WeakSet"
+    features: Features
+
+    def original(self, owner, name):
+        return next(o for w, n, o in self.originals if w is owner and n == name)
 
 
 _patch: Optional[_Patch] = None
@@ -160,7 +224,7 @@ def patch_options() -> Optional[PatchOptions]:
 
 
 def _num_layers(config) -> int:
-    return config.num_layers + (config.mtp_num_layers or 0)
+    return config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
 
 
 def balancer_of(router) -> LoadBalancer:
@@ -173,12 +237,30 @@ def balancer_of(router) -> LoadBalancer:
             resolve_balance_config(router.config, _patch.options),
             num_experts=router.config.num_moe_experts,
             topk=router.topk,
-            sequence_group=router.tp_cp_group,
-            batch_group=router.tp_dp_cp_group,
+            sequence_group=_sequence_group(router),
+            batch_group=_batch_group(router),
         )
         setattr(router, _BALANCER, balancer)
         _patch.routers.add(router)
     return balancer
+
+
+def _sequence_group(router):
+    """Tensor x context parallel ranks (they split the same sequences)."""
+    if getattr(router, "tp_cp_group", None) is not None:
+        return router.tp_cp_group
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_and_context_parallel_group()
+
+
+def _batch_group(router):
+    """Tensor x data x context parallel ranks (together they hold the global batch)."""
+    if getattr(router, "tp_dp_cp_group", None) is not None:
+        return router.tp_dp_cp_group
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
 
 
 def _loss_scale(router, valid_tokens):
@@ -199,7 +281,7 @@ def _register_callbacks(router, valid_tokens):
 
     def report(name, value):
         save_to_aux_losses_tracker(name, value, router.layer_number, _num_layers(router.config),
-                                   reduce_group=router.tp_cp_group)
+                                   reduce_group=_sequence_group(router))
 
     return (lambda: _loss_scale(router, valid_tokens)), report
 
@@ -210,7 +292,24 @@ def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_
         return probs
     valid_tokens = routing_map.sum() // self.topk if with_padding_mask else routing_map.shape[0]
     grad_scale, report = _register_callbacks(self, valid_tokens)
-    return balancer.attach(probs, scores_for_aux_loss, routing_map, valid_tokens, grad_scale, report)
+    return balancer.attach(probs, scores_for_aux_loss, routing_map.sum(dim=0), valid_tokens, grad_scale, report)
+
+
+def _apply_load_balancing_loss(self, activation, load_balancing_loss_func):
+    """Megatron-Core 0.12 and 0.13: the aux loss arrives as a partial of its loss function."""
+    from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if getattr(load_balancing_loss_func, "func", None) is not switch_load_balancing_loss_func:
+        return _patch.original(TopKRouter, "apply_load_balancing_loss")(self, activation, load_balancing_loss_func)
+    balancer = balancer_of(self)
+    if not balancer.enabled:
+        return activation
+    scores = load_balancing_loss_func.keywords["probs"]
+    counts = load_balancing_loss_func.keywords["tokens_per_expert"]
+    grad_scale, report = _register_callbacks(self, scores.shape[0])
+    return balancer.attach(activation, scores, counts, scores.shape[0], grad_scale, report)
 
 
 def _apply_global_aux_loss(self, probs, *args, **kwargs):
@@ -226,13 +325,15 @@ def _fused_unsupported(router, logits) -> Optional[str]:
     from moe_lbl.kernels.topk_router import MAX_EXPERTS, MAX_TOPK, SUPPORTED_DTYPES
 
     config = router.config
+    if not _patch.features.fused_routing:
+        return f"megatron-core {_patch.version} (the fused path needs 0.14 or newer)"
     if router.routing_type == "sinkhorn":
         return "sinkhorn routing"
-    if router.get_aux_loss_coeff("seq_aux_loss") > 0:
+    if _balancing_types(config).get("seq_aux_loss", 0.0) > 0:
         return "seq_aux_loss"
-    if router.router_replay is not None:
+    if getattr(router, "router_replay", None) is not None:
         return "router replay"
-    if config.moe_router_fusion:
+    if getattr(config, "moe_router_fusion", False):
         return "moe_router_fusion (TransformerEngine's fused router) is on"
     if config.num_moe_experts > MAX_EXPERTS or router.topk > MAX_TOPK:
         return f"more than {MAX_EXPERTS} experts or top-k above {MAX_TOPK}"
@@ -273,7 +374,7 @@ def _fused_routing(router, logits, padding_mask):
     balance = training and balancer.enabled
     z_coeff = None
     if training and config.moe_z_loss_coeff is not None:
-        z_coeff = config.moe_z_loss_coeff / router.tp_cp_group.size()
+        z_coeff = config.moe_z_loss_coeff / _sequence_group(router).size()
     handle = []  # the balancing gradient needs counts that the forward produces
 
     def z_weight():
@@ -323,21 +424,39 @@ def _dispatched(routing_map, padding_mask):
 
 
 def _routing(self, logits, padding_mask=None):
+    from megatron.core.transformer.moe.router import TopKRouter
+
     if _kernels_on(self, logits):
         return _fused_routing(self, logits, padding_mask)
-    probs, routing_map = _patch.originals["routing"](self, logits, padding_mask=padding_mask)
+    original = _patch.original(TopKRouter, "routing")
+    if padding_mask is None:
+        probs, routing_map = original(self, logits)
+    else:
+        probs, routing_map = original(self, logits, padding_mask=padding_mask)
     if self.training and torch.is_grad_enabled():  # once per micro-batch, also under recompute
         balancer_of(self).record_load(_dispatched(routing_map, padding_mask))
     return probs, routing_map
 
 
+def _end_steps(module) -> None:
+    for submodule in module.modules():
+        balancer = getattr(submodule, _BALANCER, None)
+        if balancer is not None:
+            balancer.end_step()
+
+
 def _reset_model_temporary_tensors(config, model):
-    _patch.originals["reset_model_temporary_tensors"](config, model)
+    finalize = importlib.import_module(_FINALIZE_MODULE)
+    _patch.original(finalize, "reset_model_temporary_tensors")(config, model)
     for chunk in model:
-        for module in chunk.modules():
-            balancer = getattr(module, _BALANCER, None)
-            if balancer is not None:
-                balancer.end_step()
+        _end_steps(chunk)
+
+
+def _finish_grad_sync(self, *args, **kwargs):
+    ddp = importlib.import_module(_DDP_MODULE).DistributedDataParallel
+    result = _patch.original(ddp, "finish_grad_sync")(self, *args, **kwargs)
+    _end_steps(self)
+    return result
 
 
 def iter_balancers(model) -> Iterator[tuple[int, LoadBalancer]]:
@@ -367,28 +486,16 @@ def patch_megatron(scope: str = "global", coeff: Optional[float] = None, micro_c
     version = check_megatron_version()
     if config is not None:
         resolve_balance_config(config, options)
-    if _patch is not None:
-        if _patch.options == options:
-            return options
-        unpatch_megatron()
-
-    finalize_model_grads = importlib.import_module(_FINALIZE_MODULE)
+    if _patch is not None and _patch.options == options:
+        return options
+    points = _patch_points()  # may refuse this Megatron-Core: before anything changes
+    unpatch_megatron()
+    _patch = _Patch(options, version, [(owner, name, owner.__dict__[name]) for owner, name, _ in points],
+                    weakref.WeakSet(), features())
+    for owner, name, replacement in points:
+        setattr(owner, name, replacement)
     from megatron.core.transformer.moe.router import TopKRouter
 
-    missing = [m for m in PATCHED_ROUTER_METHODS if m not in TopKRouter.__dict__]
-    if missing or not hasattr(finalize_model_grads, "reset_model_temporary_tensors"):
-        raise UnsupportedMegatronVersion(
-            f"megatron-core {version} lacks what the patch replaces ({missing or PATCHED_FUNCTIONS}); "
-            f"supported: megatron-core{SUPPORTED_RANGE}; nothing was patched"
-        )
-    originals = {name: TopKRouter.__dict__[name] for name in PATCHED_ROUTER_METHODS}
-    originals["reset_model_temporary_tensors"] = finalize_model_grads.reset_model_temporary_tensors
-    _patch = _Patch(options, version, originals, weakref.WeakSet())
-    TopKRouter._apply_aux_loss = _apply_aux_loss
-    TopKRouter._apply_global_aux_loss = _apply_global_aux_loss
-    TopKRouter.is_aux_loss_enabled = _is_aux_loss_enabled
-    TopKRouter.routing = _routing
-    finalize_model_grads.reset_model_temporary_tensors = _reset_model_temporary_tensors
     setattr(TopKRouter, _SENTINEL, options)
     return options
 
@@ -398,14 +505,17 @@ def unpatch_megatron() -> None:
     global _patch
     if _patch is None:
         return
-    finalize_model_grads = importlib.import_module(_FINALIZE_MODULE)
     from megatron.core.transformer.moe.router import TopKRouter
 
-    for name in PATCHED_ROUTER_METHODS:
-        setattr(TopKRouter, name, _patch.originals[name])
-    finalize_model_grads.reset_model_temporary_tensors = _patch.originals["reset_model_temporary_tensors"]
+    for owner, name, original in _patch.originals:
+        setattr(owner, name, original)
     delattr(TopKRouter, _SENTINEL)
     for router in list(_patch.routers):
         getattr(router, _BALANCER).end_step()
         delattr(router, _BALANCER)
     _patch = None
+
+
+def patch_points() -> list[str]:
+    """What patch_megatron replaces on the installed Megatron-Core, as dotted names."""
+    return [f"{getattr(owner, '__qualname__', owner.__name__)}.{name}" for owner, name, _ in _patch_points()]

@@ -41,4 +41,14 @@ def clean_state():
     yield
     moe_lbl.unpatch_megatron()
     if "megatron.core.transformer.moe.moe_utils" in sys.modules:
-        sys.modules["megatron.core.transformer.moe.moe_utils"].get_moe_layer_wise_logging_tracker().clear()
+        from moe_lbl.testing.harness import aux_loss_tracker
+
+        aux_loss_tracker().clear()
+
+
+@pytest.fixture(scope="session")
+def megatron_features():
+    """What the installed Megatron-Core offers (padding masks, global_aux_loss, ...)."""
+    from moe_lbl.patches.megatron import features
+
+    return features()

@@ -18,7 +18,7 @@ def run_engine(config, micro_batches, num_experts, topk, scale):
         mask = topk_mask(logits.detach(), topk, padding)
         probs = torch.zeros_like(logits, requires_grad=True)
         values = {}
-        out = balancer.attach(probs, scores, mask, int(valid.sum()), lambda: scale,
+        out = balancer.attach(probs, scores, mask.sum(0), int(valid.sum()), lambda: scale,
                               lambda name, value: values.__setitem__(name, float(value)))
         out.sum().backward()
         assert torch.equal(probs.grad, torch.ones_like(probs))  # probs gradient passes through
@@ -88,4 +88,4 @@ def test_balancer_rejects_bad_shapes():
         LoadBalancer(BalanceConfig(), num_experts=4, topk=5)
     balancer = LoadBalancer(BalanceConfig(), num_experts=4, topk=2)
     with pytest.raises(ValueError, match=r"scores must be \[tokens, 4\]"):
-        balancer.attach(torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(3, 5, dtype=torch.bool), 3, lambda: 1.0)
+        balancer.attach(torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(5, dtype=torch.long), 3, lambda: 1.0)

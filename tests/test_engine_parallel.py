@@ -40,7 +40,7 @@ def rank_worker(rank, world_size):
             scores = torch.softmax(logits, dim=-1) * (~padding).unsqueeze(1)
             values = {}
             out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores,
-                                  topk_mask(logits.detach(), TOPK, padding), int((~padding).sum()),
+                                  topk_mask(logits.detach(), TOPK, padding).sum(0), int((~padding).sum()),
                                   lambda: 1.0 / NUM_MICRO_BATCHES,
                                   lambda n, v: values.__setitem__(n, float(v)))
             out.sum().backward()
@@ -86,7 +86,7 @@ def coalescing_worker(rank, world_size):
                 scores = torch.softmax(logits, dim=-1) * (~padding).unsqueeze(1)
                 values = logged.setdefault((layer, rank, j), {})
                 out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores,
-                                      topk_mask(logits.detach(), TOPK, padding), int((~padding).sum()),
+                                      topk_mask(logits.detach(), TOPK, padding).sum(0), int((~padding).sum()),
                                       lambda: 1.0, lambda n, v, values=values: values.__setitem__(n, float(v)))
                 outs.append((layer, logits, out))
             after_forward.append(len(calls))

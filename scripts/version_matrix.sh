@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The patch tests against every other supported Megatron-Core, each installed side by side
+# (pip --target) over the main environment of scripts/setup.sh, which holds megatron-core 0.16.1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+VERSIONS="${MOE_LBL_MATRIX:-0.12.3 0.13.1 0.14.0 0.15.3}"
+TESTS="tests/test_patch_router.py tests/test_patch_lifecycle.py tests/test_patch_dp.py"
+status=0
+for version in $VERSIONS; do
+  target=".matrix/megatron-core-$version"
+  if [ ! -d "$target" ]; then
+    .venv/bin/python -m pip install -q --no-deps --target "$target.tmp" "megatron-core==$version" \
+      && mv "$target.tmp" "$target" || { echo "== megatron-core $version: install failed"; status=1; continue; }
+  fi
+  echo "== megatron-core $version"
+  PYTHONPATH="$PWD/$target" .venv/bin/python -m pytest -q -p no:cacheprovider $TESTS || status=1
+done
+exit $status
