@@ -14,12 +14,14 @@ the z-loss gradient (a scalar times logsumexp times softmax).
 Layout: a persistent grid; each program walks blocks of BLOCK_T rows. A row's experts sit in a
 [BLOCK_G, BLOCK_GS] tile (groups x experts per group; one group without group-limited routing),
 padded to powers of two. Top-k is k rounds of max then lowest-index argmax, so ties break toward
-the lower expert index, as torch.topk does. Statistics accumulate per program in registers and
-are written as per-program partials, reduced in a fixed order on the host side: counts are
-exact integers, float sums are deterministic for a given grid.
+the lower expert index (torch.topk promises no order among ties; on CPU it may pick the higher).
+Statistics accumulate per program in registers and are written as per-program partials, reduced
+in a fixed order on the host side: counts are exact integers, float sums are deterministic for a
+given grid.
 
 Roundings follow Megatron: scores that Megatron holds in the logits dtype are rounded to it
-before they are compared or normalized, so bf16 routing matches Megatron's bf16 routing.
+before they are compared or normalized, so bf16 routing matches Megatron's bf16 routing up to
+the experts chosen among exactly tied scores.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _expert_tile(G, GS, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr):
 @triton.jit
 def _load_block(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T: tl.constexpr):
     """Rows of one block and their logits in fp32 (-inf outside the experts)."""
-    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = block * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # int64: T * E may pass 2**31
     row_ok = rows < num_tokens
     ok = row_ok[:, None, None] & col_ok
     x = tl.load(logits_ptr + rows[:, None, None] * stride_t + expert, mask=ok, other=0.0).to(tl.float32)

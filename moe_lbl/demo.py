@@ -73,11 +73,12 @@ def _train_rank(rank: int, world_size: int, options: DemoOptions, scope: str) ->
         track_moe_metrics(loss_scale=1.0 / options.micro_batches, iteration=step,
                           total_loss_dict=logged, num_layers=spec.num_layers)
         balance = moe_lbl.balance_metrics(ddp)
-        name = "global_load_balancing_loss" if scope == "global" else "load_balancing_loss"
         records.append(StepRecord(
             step=step,
             loss=loss,
-            balancing_loss=float(logged[name]),
+            # Under moe_router_load_balancing_type="aux_loss" the main term of either scope is
+            # logged as Megatron's load_balancing_loss (see patches.megatron.tracker_names).
+            balancing_loss=float(logged["load_balancing_loss"]),
             micro_max_vio=sum(b.micro_max_vio for b in balance) / len(balance),
             global_max_vio=sum(b.global_max_vio for b in balance) / len(balance),
             seconds=seconds,

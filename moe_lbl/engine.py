@@ -114,7 +114,8 @@ class _PendingSum:
 
     def get(self) -> torch.Tensor:
         if self._bucket is not None:
-            self._bucket.flush()  # no-op if this vector's collective was launched already
+            if self._work is None:  # not launched yet: launch the bucket, this vector with it
+                self._bucket.flush()
             self._bucket = None
         if self._work is not None:
             self._work.wait()
@@ -175,6 +176,8 @@ class BalanceHandle:
 
     balancer: "LoadBalancer"
     index: int
+    step: list  # the handles of its optimizer step, in registration order
+    prefix: list  # running sums of the step's resolved batch vectors
     sequence: _PendingSum  # summed over the sequence group
     batch: Optional[_PendingSum]  # summed over the batch group (global scope only)
     score_sum: torch.Tensor  # [N_E] fp32: sum of this rank's balancing scores
@@ -257,6 +260,8 @@ class LoadBalancer:
         handle = BalanceHandle(
             balancer=self,
             index=len(self._micro_batches),
+            step=self._micro_batches,
+            prefix=self._batch_prefix,
             sequence=_PendingSum(self.serial, local, self.sequence_group, async_op),
             batch=(_PendingSum(self.serial, local, self.batch_group, async_op)
                    if self.config.scope == "global" else None),
@@ -282,6 +287,8 @@ class LoadBalancer:
             handle.sequence.get()
             if handle.batch is not None:
                 handle.batch.get()
+        # New lists, not cleared ones: a handle of the closed step (a graph back-propagated
+        # again) keeps reading its own step.
         self._micro_batches = []
         self._batch_prefix = []
         self.last_step_loads = self._loads
@@ -296,12 +303,13 @@ class LoadBalancer:
         """Counts and tokens that define f for the global term of this micro-batch."""
         if not self.config.buffer:
             return handle.batch.get()
-        while len(self._batch_prefix) <= handle.index:
-            vector = self._micro_batches[len(self._batch_prefix)].batch.get()
-            if self._batch_prefix:
-                vector = self._batch_prefix[-1] + vector
-            self._batch_prefix.append(vector)
-        return self._batch_prefix[handle.index]
+        prefix = handle.prefix
+        while len(prefix) <= handle.index:
+            vector = handle.step[len(prefix)].batch.get()
+            if prefix:
+                vector = prefix[-1] + vector
+            prefix.append(vector)
+        return prefix[handle.index]
 
     def score_weights(self, handle: BalanceHandle) -> torch.Tensor:
         """d loss / d s_t,i for every valid local token (the same for all tokens), unscaled.

@@ -28,7 +28,7 @@ from typing import Iterator, Optional, Union
 import torch
 from packaging.version import Version
 
-from moe_lbl.engine import BalanceConfig, LoadBalancer
+from moe_lbl.engine import GLOBAL_LOSS_NAME, MICRO_LOSS_NAME, BalanceConfig, LoadBalancer
 
 SUPPORTED_MIN = (0, 12, 0)
 SUPPORTED_MAX = (0, 17, 0)  # exclusive
@@ -65,11 +65,15 @@ class PatchOptions:
 
 
 def megatron_core_version() -> Optional[str]:
-    """The installed megatron-core version, or None if it is not installed."""
+    """The installed megatron-core version (also from a source checkout), or None."""
     try:
         return importlib.metadata.version("megatron-core")
     except importlib.metadata.PackageNotFoundError:
-        return None
+        try:
+            from megatron.core import package_info
+        except ImportError:
+            return None
+        return package_info.__version__
 
 
 def check_megatron_version(version: Optional[str] = None) -> str:
@@ -200,6 +204,21 @@ def resolve_balance_config(config, options: PatchOptions) -> BalanceConfig:
     return balance
 
 
+def tracker_names(config, balance: BalanceConfig) -> dict[str, str]:
+    """Megatron tracker name for each engine term.
+
+    Megatron's training log reduces across ranks (and, in newer versions, reports) only the names
+    its configured types ask for: "aux_loss" asks for load_balancing_loss, "global_aux_loss" for
+    global_load_balancing_loss. The main term takes the name of the type it stands for; a hybrid
+    micro term with no type of its own is logged as micro_load_balancing_loss.
+    """
+    if balance.scope == "micro":
+        return {MICRO_LOSS_NAME: "load_balancing_loss"}
+    if _balancing_types(config).get("global_aux_loss", 0.0) > 0:
+        return {GLOBAL_LOSS_NAME: "global_load_balancing_loss", MICRO_LOSS_NAME: "load_balancing_loss"}
+    return {GLOBAL_LOSS_NAME: "load_balancing_loss", MICRO_LOSS_NAME: "micro_load_balancing_loss"}
+
+
 @dataclass
 class _Patch:
     options: PatchOptions
@@ -279,8 +298,10 @@ def _loss_scale(router, valid_tokens):
 def _register_callbacks(router, valid_tokens):
     from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
 
+    names = tracker_names(router.config, balancer_of(router).config)
+
     def report(name, value):
-        save_to_aux_losses_tracker(name, value, router.layer_number, _num_layers(router.config),
+        save_to_aux_losses_tracker(names[name], value, router.layer_number, _num_layers(router.config),
                                    reduce_group=_sequence_group(router))
 
     return (lambda: _loss_scale(router, valid_tokens)), report
@@ -343,11 +364,11 @@ def _fused_unsupported(router, logits) -> Optional[str]:
 
 
 def _kernels_on(router, logits) -> bool:
+    mode = _patch.options.kernels
+    if mode is False or (mode == "auto" and not logits.is_cuda):
+        return False
     from moe_lbl.kernels.topk_router import _interpreting
 
-    mode = _patch.options.kernels
-    if mode is False:
-        return False
     reason = _fused_unsupported(router, logits)
     if mode == "auto":
         return logits.is_cuda and reason is None
@@ -488,32 +509,40 @@ def patch_megatron(scope: str = "global", coeff: Optional[float] = None, micro_c
         resolve_balance_config(config, options)
     if _patch is not None and _patch.options == options:
         return options
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if _patch is None and _SENTINEL in TopKRouter.__dict__:
+        raise RuntimeError(
+            "TopKRouter is already patched by another copy of moe_lbl.patches.megatron (a reloaded or "
+            "second import); call that copy's unpatch_megatron() first. Nothing was patched.")
     points = _patch_points()  # may refuse this Megatron-Core: before anything changes
     unpatch_megatron()
     _patch = _Patch(options, version, [(owner, name, owner.__dict__[name]) for owner, name, _ in points],
                     weakref.WeakSet(), features())
     for owner, name, replacement in points:
         setattr(owner, name, replacement)
-    from megatron.core.transformer.moe.router import TopKRouter
-
     setattr(TopKRouter, _SENTINEL, options)
     return options
 
 
 def unpatch_megatron() -> None:
-    """Restore every original and drop the engines of live routers. A no-op when not patched."""
+    """Restore every original and drop the engines of live routers. A no-op when not patched.
+
+    Call it on every rank: counts still in flight are waited for, which is a collective.
+    """
     global _patch
     if _patch is None:
         return
     from megatron.core.transformer.moe.router import TopKRouter
 
-    for owner, name, original in _patch.originals:
+    patch, _patch = _patch, None
+    for owner, name, original in patch.originals:
         setattr(owner, name, original)
     delattr(TopKRouter, _SENTINEL)
-    for router in list(_patch.routers):
-        getattr(router, _BALANCER).end_step()
+    for router in list(patch.routers):
+        balancer = getattr(router, _BALANCER)
         delattr(router, _BALANCER)
-    _patch = None
+        balancer.end_step()  # waits for counts in flight: a collective, as on every rank
 
 
 def patch_points() -> list[str]:

@@ -89,3 +89,19 @@ def test_balancer_rejects_bad_shapes():
     balancer = LoadBalancer(BalanceConfig(), num_experts=4, topk=2)
     with pytest.raises(ValueError, match=r"scores must be \[tokens, 4\]"):
         balancer.attach(torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(5, dtype=torch.long), 3, lambda: 1.0)
+
+
+def test_a_handle_of_a_closed_step_keeps_its_own_counts():
+    """A graph back-propagated after the step closed (or after unpatch) must not read the next step."""
+    balancer = LoadBalancer(BalanceConfig("global"), num_experts=4, topk=1)
+    scores = [torch.softmax(torch.randn(5, 4), -1).requires_grad_() for _ in range(3)]
+    counts = [torch.tensor([5, 0, 0, 0]), torch.tensor([0, 0, 5, 0]), torch.tensor([0, 5, 0, 0])]
+    outs = [balancer.attach(torch.zeros(5, 4, requires_grad=True), s, c, 5, lambda: 1.0)
+            for s, c in zip(scores[:2], counts[:2])]
+    outs[0].sum().backward()
+    balancer.end_step()
+    balancer.attach(torch.zeros(5, 4, requires_grad=True), scores[2], counts[2], 5, lambda: 1.0)
+    outs[1].sum().backward()  # f from micro-batches 0 and 1 of the closed step
+    f = (counts[0] + counts[1]).double() / (1 * 10)  # k = 1, 10 tokens
+    want = 0.01 * 4 / 5 * f  # d loss / d score = coeff * N_E / T * f for every token
+    torch.testing.assert_close(scores[1].grad, want.float().expand(5, 4))

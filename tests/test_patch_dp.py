@@ -42,7 +42,7 @@ def rank_worker(rank, world_size):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     import moe_lbl
-    from moe_lbl.patches.megatron import balancer_of, features
+    from moe_lbl.patches.megatron import balancer_of, features, tracker_names
     from moe_lbl.testing.harness import build_router, take_tracker
 
     found = features()
@@ -61,7 +61,8 @@ def rank_worker(rank, world_size):
             probs, _ = router.routing(logits, **kwargs)
             (probs * 0).sum().backward()  # only the balancing loss reaches the logits
             grads.append(logits.grad.view(-1, NUM_EXPERTS))
-            logged.append({k: float(v[0]) for k, v in take_tracker().items() if v[0] != 0})
+            engine_name = {v: k for k, v in tracker_names(router.config, balancer_of(router).config).items()}
+            logged.append({engine_name[k]: float(v[0]) for k, v in take_tracker().items() if v[0] != 0})
         balancer_of(router).end_step()
         moe_lbl.unpatch_megatron()
         results[name] = (grads, logged)

@@ -105,6 +105,19 @@ def test_unsupported_version_patches_nothing(megatron_world, monkeypatch):
     assert patch_module.patch_options().scope == "micro" and patched_objects() == before
 
 
+def test_a_patch_by_another_copy_of_the_module_is_refused(megatron_world):
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    originals = patched_objects()
+    setattr(TopKRouter, "_moe_lbl_patch", "patched elsewhere")  # as a reloaded copy would leave it
+    try:
+        with pytest.raises(RuntimeError, match="another copy of moe_lbl.patches.megatron"):
+            moe_lbl.patch_megatron()
+        assert not moe_lbl.is_patched() and patched_objects() == originals
+    finally:
+        delattr(TopKRouter, "_moe_lbl_patch")
+
+
 def test_sinkhorn_with_global_scope_is_refused(megatron_world):
     from megatron.core.transformer.transformer_config import TransformerConfig
 

@@ -57,12 +57,13 @@ def test_global_equals_micro_with_one_rank_and_one_micro_batch(megatron_world, m
     moe_lbl.patch_megatron(scope="global")
     glob = route(build_router(num_experts=16, topk=4), logits, padding, weight, 1.0)
     torch.testing.assert_close(glob[2], micro[2], rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(glob[3]["global_load_balancing_loss"], micro[3]["load_balancing_loss"],
+    torch.testing.assert_close(glob[3]["load_balancing_loss"], micro[3]["load_balancing_loss"],
                                rtol=1e-6, atol=0)
 
 
 def test_megatron_flags_map_onto_the_engine(megatron_world, megatron_features):
-    from moe_lbl.patches.megatron import balancer_of
+    from moe_lbl.engine import GLOBAL_LOSS_NAME
+    from moe_lbl.patches.megatron import balancer_of, tracker_names
 
     moe_lbl.patch_megatron(scope="global", micro_coeff=0.0)
     cases = {("aux_loss", 0.1): ("global", 0.1, 0.0)}
@@ -77,6 +78,13 @@ def test_megatron_flags_map_onto_the_engine(megatron_world, megatron_features):
                               moe_aux_loss_coeff=list(coeffs) if isinstance(coeffs, tuple) else coeffs)
         config = balancer_of(router).config
         assert (config.scope, config.coeff, config.micro_coeff) == (scope, coeff, micro_coeff), types
+        # The main term is logged under the name Megatron's training log asks for with these types.
+        main = tracker_names(router.config, config)[GLOBAL_LOSS_NAME]
+        assert main == ("global_load_balancing_loss" if "global_aux_loss" in types else "load_balancing_loss")
+    moe_lbl.patch_megatron(scope="global", micro_coeff=1e-4)
+    router = build_router(moe_aux_loss_coeff=0.1)
+    assert tracker_names(router.config, balancer_of(router).config) == {
+        "global_load_balancing_loss": "load_balancing_loss", "load_balancing_loss": "micro_load_balancing_loss"}
     moe_lbl.patch_megatron(scope="micro", coeff=0.05)
     assert balancer_of(build_router(moe_aux_loss_coeff=0.1)).config.coeff == 0.05
 
