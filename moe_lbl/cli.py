@@ -61,17 +61,18 @@ def info_lines() -> list[str]:
 
 
 def _demo(args) -> int:
-    from moe_lbl.demo import DemoOptions, run, summary_table
+    from moe_lbl.demo import DemoOptions, main as demo
 
     try:
         options = DemoOptions(steps=args.steps, ranks=args.ranks, micro_batches=args.micro_batches,
-                              micro_batch_size=args.micro_batch_size, num_experts=args.experts,
-                              topk=args.topk, coeff=args.coeff, seed=args.seed, scopes=tuple(args.scopes))
+                              micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
+                              layers=args.layers, num_experts=args.experts, topk=args.topk, coeff=args.coeff,
+                              seeds=tuple(args.seeds), scopes=tuple(args.scopes), domains=tuple(args.domains),
+                              out=args.out, wandb=not args.no_wandb)
     except ValueError as error:
         print(f"moe-lbl demo: {error}", file=sys.stderr)
         return 2
-    print(summary_table(run(options)))
-    return 0
+    return demo(options)
 
 
 def main(argv=None) -> int:
@@ -85,16 +86,27 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run a training script with the patch applied: moe-lbl run [options] -- SCRIPT.py [args]")
     commands.add_parser("info", help="versions, CUDA and patch support, for bug reports")
-    demo = commands.add_parser("demo", help="train a small Megatron-Core GPT-MoE on CPU, micro vs global balance")
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--ranks", type=int, default=2, help="data-parallel gloo ranks")
-    demo.add_argument("--micro-batches", type=int, default=4, help="gradient-accumulation micro-batches per step")
-    demo.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch")
-    demo.add_argument("--experts", type=int, default=8)
-    demo.add_argument("--topk", type=int, default=2)
-    demo.add_argument("--coeff", type=float, default=1e-2, help="load-balancing loss coefficient")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--scopes", nargs="+", default=["micro", "global"], choices=["micro", "global"])
+    demo = commands.add_parser("demo", help="micro vs global balance on a mixed-domain corpus, on CPU")
+    from moe_lbl.corpus import DOMAINS
+    from moe_lbl.demo import DemoOptions
+
+    defaults = DemoOptions()
+    demo.add_argument("--steps", type=int, default=defaults.steps)
+    demo.add_argument("--ranks", type=int, default=defaults.ranks, help="data-parallel gloo ranks")
+    demo.add_argument("--micro-batches", type=int, default=defaults.micro_batches,
+                      help="gradient-accumulation micro-batches per step")
+    demo.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size, help="sequences per micro-batch")
+    demo.add_argument("--seq-length", type=int, default=defaults.seq_length, help="bytes per sequence")
+    demo.add_argument("--layers", type=int, default=defaults.layers)
+    demo.add_argument("--experts", type=int, default=defaults.num_experts)
+    demo.add_argument("--topk", type=int, default=defaults.topk)
+    demo.add_argument("--coeff", type=float, default=defaults.coeff, help="load-balancing loss coefficient")
+    demo.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
+    demo.add_argument("--scopes", nargs="+", default=list(defaults.scopes), choices=["micro", "global"])
+    demo.add_argument("--domains", nargs="+", default=list(DOMAINS),
+                      help=f"corpus domains, from {', '.join(DOMAINS)}")
+    demo.add_argument("--out", default=defaults.out, help="folder for the table, heatmaps and wandb runs")
+    demo.add_argument("--no-wandb", action="store_true", help="do not write wandb runs")
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))

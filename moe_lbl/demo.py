@@ -1,35 +1,52 @@
-"""A short CPU run of a Megatron-Core GPT-MoE under the patch, once per balancing scope.
+"""The main job: micro- vs global-batch balancing on a mixed-domain corpus, on CPU.
 
-Data-parallel gloo ranks with gradient accumulation; prints the step loss, the balancing loss
-as Megatron's own tracker reports it, and the MaxVio of micro-batches and of the global batch.
+A small Megatron-Core GPT-MoE is trained with data-parallel gloo ranks and gradient accumulation,
+once per balancing scope, with the same seed, data order and hyper-parameters. Each micro-batch
+holds sequences of one domain (drawn at random per micro-batch), so balancing each micro-batch
+pushes every domain to use all experts, while balancing the global batch lets domains specialize.
+After training, rank 0 evaluates validation loss per domain and records which experts each
+domain selects (moe_lbl.record_routing), then the side-by-side table, per-domain heatmaps (PNG)
+and wandb runs (offline unless wandb is configured) are written.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moe_lbl.testing.harness import TinyGPT, build_gpt, spawn, synthetic_batches, train_step, wrap_ddp
+from moe_lbl.corpus import DOMAINS, VOCAB_SIZE, build_corpus
+from moe_lbl.testing.harness import MicroBatch, TinyGPT, build_gpt, causal_mask, device, spawn, train_step, wrap_ddp
 
 
 @dataclass(frozen=True)
 class DemoOptions:
-    steps: int = 20
+    steps: int = 150
     ranks: int = 2
     micro_batches: int = 4
     micro_batch_size: int = 2
-    num_experts: int = 8
+    seq_length: int = 64
+    layers: int = 2
+    hidden_size: int = 64
+    num_experts: int = 16
     topk: int = 2
-    coeff: float = 1e-2
+    coeff: float = 0.1  # strong enough for balance to bind at this size (see the README)
     lr: float = 3e-3
-    seed: int = 0
+    seeds: tuple = (0, 1, 2)
     scopes: tuple = ("micro", "global")
+    domains: tuple = DOMAINS
+    eval_batches: int = 4
+    out: str = "moe-lbl-demo"
+    wandb: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "ranks", "micro_batches", "micro_batch_size", "num_experts", "topk"):
+        for name in ("steps", "ranks", "micro_batches", "micro_batch_size", "seq_length", "layers", "hidden_size",
+                     "num_experts", "topk", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.topk > self.num_experts:
@@ -40,75 +57,238 @@ class DemoOptions:
         for scope in self.scopes:
             if scope not in ("micro", "global"):
                 raise ValueError(f"unknown scope {scope!r}: use 'micro' and/or 'global'")
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown:
+            raise ValueError(f"unknown domains {unknown}: choose from {DOMAINS}")
+        if not self.seeds:
+            raise ValueError("at least one seed is needed")
 
 
-@dataclass(frozen=True)
-class StepRecord:
-    step: int
-    loss: float
-    balancing_loss: float  # as Megatron's track_moe_metrics reports it (mean over layers)
-    micro_max_vio: float  # mean over layers
-    global_max_vio: float  # mean over layers
-    seconds: float
+@dataclass
+class RunResult:
+    scope: str
+    seed: int
+    losses: list  # training loss per step
+    balancing_losses: list
+    micro_max_vio: list  # per step, mean over layers
+    global_max_vio: list
+    step_seconds: list
+    val_loss: dict = field(default_factory=dict)  # domain -> mean token loss
+    max_frequency: dict = field(default_factory=dict)  # domain -> highest expert frequency
+    mean_topk_score: dict = field(default_factory=dict)
+    divergence: float = 0.0
+    frequency: dict = field(default_factory=dict)  # domain -> layer -> list[float]
 
 
-def _train_rank(rank: int, world_size: int, options: DemoOptions, scope: str) -> list[StepRecord]:
+def _spec(options: DemoOptions) -> TinyGPT:
+    return TinyGPT(num_layers=options.layers, hidden_size=options.hidden_size, num_attention_heads=4,
+                   num_experts=options.num_experts, topk=options.topk, moe_ffn_hidden_size=options.hidden_size,
+                   vocab_size=VOCAB_SIZE, seq_length=options.seq_length, aux_loss_coeff=options.coeff)
+
+
+def _micro_batches(corpus, options: DemoOptions, step: int, rank: int, seed: int) -> list:
+    """This rank's micro-batches of a step: each of one domain, drawn by the (seed, step, rank) RNG."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
+    batches = []
+    for _ in range(options.micro_batches):
+        domain = options.domains[int(torch.randint(len(options.domains), (1,), generator=g))]
+        tokens, labels = corpus.batches("train", domain, options.micro_batch_size, g)
+        batches.append(MicroBatch(tokens, labels, torch.ones(tokens.shape, dtype=torch.float32)))
+    return batches
+
+
+def _evaluate(model, corpus, options: DemoOptions, seed: int, result: RunResult) -> None:
+    import moe_lbl
+
+    model.eval()
+    g = torch.Generator().manual_seed(seed + 77)
+    s = options.seq_length
+    with torch.no_grad(), moe_lbl.record_routing(model) as recorder:
+        for domain in options.domains:
+            recorder.domain = domain
+            losses = []
+            for _ in range(options.eval_batches):
+                tokens, labels = corpus.batches("val", domain, options.micro_batch_size, g)
+                out = model(tokens.to(device()), torch.arange(s, device=device()).expand(tokens.shape[0], s),
+                            causal_mask(s).to(device()), labels=labels.to(device()))
+                losses.append(float(out.float().mean()))
+            result.val_loss[domain] = statistics.mean(losses)
+    model.train()
+    result.max_frequency = recorder.max_frequency()
+    result.mean_topk_score = recorder.mean_topk_score()
+    result.divergence = recorder.domain_divergence()
+    result.frequency = {d: {layer: f.tolist() for layer, f in layers.items()}
+                        for d, layers in recorder.selection_frequency().items()}
+
+
+def _train_rank(rank: int, world_size: int, options: DemoOptions, scope: str, seed: int) -> RunResult:
     from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
     import moe_lbl
 
     moe_lbl.patch_megatron(scope=scope, coeff=options.coeff)
-    spec = TinyGPT(num_experts=options.num_experts, topk=options.topk)
-    model, config = build_gpt(spec, seed=options.seed)
+    corpus = build_corpus(seq_length=options.seq_length, seed=seed, domains=options.domains)
+    spec = _spec(options)
+    model, config = build_gpt(spec, seed=seed)
     ddp = wrap_ddp(model, config)
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=options.lr)
-    records = []
+    result = RunResult(scope, seed, [], [], [], [], [])
     for step in range(options.steps):
-        batches = synthetic_batches(options.seed * 100_000 + step, rank, options.micro_batches,
-                                    options.micro_batch_size, spec.seq_length, spec.vocab_size)
         start = time.perf_counter()
-        loss = train_step(ddp, optimizer, batches)
-        seconds = time.perf_counter() - start
+        loss = train_step(ddp, optimizer, _micro_batches(corpus, options, step, rank, seed))
+        result.step_seconds.append(time.perf_counter() - start)
         logged = {}
-        track_moe_metrics(loss_scale=1.0 / options.micro_batches, iteration=step,
-                          total_loss_dict=logged, num_layers=spec.num_layers)
+        track_moe_metrics(loss_scale=1.0 / options.micro_batches, iteration=step, total_loss_dict=logged,
+                          num_layers=spec.num_layers)
         balance = moe_lbl.balance_metrics(ddp)
-        records.append(StepRecord(
-            step=step,
-            loss=loss,
-            # Under moe_router_load_balancing_type="aux_loss" the main term of either scope is
-            # logged as Megatron's load_balancing_loss (see patches.megatron.tracker_names).
-            balancing_loss=float(logged["load_balancing_loss"]),
-            micro_max_vio=sum(b.micro_max_vio for b in balance) / len(balance),
-            global_max_vio=sum(b.global_max_vio for b in balance) / len(balance),
-            seconds=seconds,
-        ))
-        if rank == 0 and (step + 1) % max(1, options.steps // 5) == 0:
-            print(f"  [{scope}] step {step + 1}/{options.steps}  loss {loss:.3f}  "
-                  f"lbl {records[-1].balancing_loss:.4f}", flush=True)
+        result.losses.append(loss)
+        # Under moe_router_load_balancing_type="aux_loss" the main term of either scope is
+        # logged as Megatron's load_balancing_loss (see patches.megatron.tracker_names).
+        result.balancing_losses.append(float(logged["load_balancing_loss"]))
+        result.micro_max_vio.append(statistics.mean(b.micro_max_vio for b in balance))
+        result.global_max_vio.append(statistics.mean(b.global_max_vio for b in balance))
+        if rank == 0:
+            done = (step + 1) / options.steps
+            print(f"\r  [{scope} seed {seed}] [{'#' * int(30 * done):<30}] {step + 1}/{options.steps} "
+                  f"loss {loss:.3f}", end="" if step + 1 < options.steps else "\n", flush=True)
+    if rank == 0:
+        _evaluate(model, corpus, options, seed, result)
     moe_lbl.unpatch_megatron()
-    return records
+    return result
 
 
-def run(options: DemoOptions) -> dict[str, list[StepRecord]]:
-    """Train once per scope (same seed and data) and return rank 0's records per scope."""
-    results = {}
-    for scope in options.scopes:
-        print(f"training scope={scope}: {options.ranks} ranks x {options.micro_batches} micro-batches "
-              f"x {options.micro_batch_size} sequences, {options.steps} steps", flush=True)
-        results[scope] = spawn(_train_rank, options.ranks, options, scope)[0]
+def run(options: DemoOptions) -> list[RunResult]:
+    """Train and evaluate every (seed, scope); rank 0's results."""
+    results = []
+    for seed in options.seeds:
+        for scope in options.scopes:
+            print(f"training scope={scope} seed={seed}: {options.ranks} ranks x {options.micro_batches} "
+                  f"micro-batches x {options.micro_batch_size} sequences of {options.seq_length} bytes, "
+                  f"{options.steps} steps", flush=True)
+            results.append(spawn(_train_rank, options.ranks, options, scope, seed)[0])
     return results
 
 
-def summary_table(results: dict[str, list[StepRecord]]) -> str:
-    """Side-by-side table: first and last-quarter means per scope."""
-    rows = [("scope", "first loss", "final loss", "balancing loss", "MaxVio micro", "MaxVio global", "s/step")]
-    for scope, records in results.items():
-        tail = records[-max(1, len(records) // 4):]
-        mean = lambda attr: sum(getattr(r, attr) for r in tail) / len(tail)  # noqa: E731
-        rows.append((scope, f"{records[0].loss:.4f}", f"{mean('loss'):.4f}", f"{mean('balancing_loss'):.4f}",
-                     f"{mean('micro_max_vio'):.3f}", f"{mean('global_max_vio'):.3f}", f"{mean('seconds'):.3f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n(final = mean of the last quarter of the steps)"
+def _tail_mean(values: list) -> float:
+    tail = values[-max(1, len(values) // 4):]
+    return sum(tail) / len(tail)
+
+
+def summary_rows(results: list[RunResult], domains: tuple) -> list[dict]:
+    """One row per scope, averaged over seeds (the ± is the spread over seeds)."""
+    rows = []
+    for scope in dict.fromkeys(r.scope for r in results):
+        runs = [r for r in results if r.scope == scope]
+
+        def stat(values):
+            mean = statistics.mean(values)
+            return f"{mean:.4f}" + (f" ±{statistics.stdev(values):.4f}" if len(values) > 1 else "")
+
+        val = [statistics.mean(r.val_loss.values()) for r in runs]
+        row = {"scope": scope, "seeds": len(runs), "val loss": stat(val),
+               "val ppl": f"{math.exp(statistics.mean(val)):.3f}"}
+        for domain in domains:
+            row[f"loss {domain}"] = stat([r.val_loss[domain] for r in runs])
+        row.update({
+            "MaxVio micro": stat([_tail_mean(r.micro_max_vio) for r in runs]),
+            "MaxVio global": stat([_tail_mean(r.global_max_vio) for r in runs]),
+            "max freq": stat([statistics.mean(r.max_frequency.values()) for r in runs]),
+            "top-k score": stat([statistics.mean(r.mean_topk_score.values()) for r in runs]),
+            "divergence": stat([r.divergence for r in runs]),
+            "s/step": f"{statistics.mean(_tail_mean(r.step_seconds) for r in runs):.3f}",
+        })
+        rows.append(row)
+    return rows
+
+
+def paired_differences(results: list[RunResult]) -> str:
+    """Global minus micro, seed by seed: the comparison the shared seeds make fair."""
+    by_key = {(r.scope, r.seed): r for r in results}
+    seeds = [s for s in dict.fromkeys(r.seed for r in results) if ("micro", s) in by_key and ("global", s) in by_key]
+    if not seeds:
+        return ""
+    lines = []
+    for label, value in (("val loss", lambda r: statistics.mean(r.val_loss.values())),
+                         ("max freq", lambda r: statistics.mean(r.max_frequency.values())),
+                         ("divergence", lambda r: r.divergence)):
+        diffs = [value(by_key["global", s]) - value(by_key["micro", s]) for s in seeds]
+        lines.append(f"global - micro, {label}, per seed: " + ", ".join(f"{d:+.4f}" for d in diffs))
+    return "\n".join(lines)
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Metrics down, scopes across: the table stays readable with many domains."""
+    keys = [k for k in rows[0] if k != "scope"]
+    width = max(len(k) for k in keys)
+    columns = [max(len(r["scope"]), *(len(str(r[k])) for k in keys)) for r in rows]
+    lines = [" " * width + "  " + "  ".join(r["scope"].rjust(c) for r, c in zip(rows, columns))]
+    lines += [k.ljust(width) + "  " + "  ".join(str(r[k]).rjust(c) for r, c in zip(rows, columns)) for k in keys]
+    return "\n".join(lines)
+
+
+def write_heatmaps(results: list[RunResult], options: DemoOptions) -> list[str]:
+    """Per scope (first seed): per-domain expert selection frequency, one panel per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    os.makedirs(options.out, exist_ok=True)
+    for result in [r for r in results if r.seed == options.seeds[0]]:
+        layers = sorted({layer for d in result.frequency.values() for layer in d})
+        fig, axes = plt.subplots(1, len(layers), figsize=(4 + 0.35 * options.num_experts * len(layers), 3), squeeze=False)
+        for ax, layer in zip(axes[0], layers):
+            matrix = [result.frequency[d][layer] for d in options.domains]
+            image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_yticks(range(len(options.domains)), options.domains)
+            ax.set_xlabel("expert")
+            ax.set_title(f"{result.scope} balance, layer {layer}")
+        fig.colorbar(image, ax=axes[0].tolist(), label="selection frequency")
+        path = os.path.join(options.out, f"expert_frequency_{result.scope}.png")
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def log_wandb(results: list[RunResult], options: DemoOptions) -> str:
+    """One wandb run per (scope, seed): offline unless the user configured wandb."""
+    import wandb
+
+    mode = "online" if (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online") else "offline"
+    directory = os.path.abspath(options.out)
+    for result in results:
+        run = wandb.init(project="moe-lbl-demo", name=f"{result.scope}-seed{result.seed}", mode=mode, dir=directory,
+                         config={**asdict(options), "scope": result.scope, "seed": result.seed}, reinit="finish_previous")
+        for step, values in enumerate(zip(result.losses, result.balancing_losses, result.micro_max_vio,
+                                          result.global_max_vio)):
+            run.log(dict(zip(("loss", "balancing_loss", "max_vio_micro", "max_vio_global"), values)), step=step)
+        run.summary.update({f"val_loss/{d}": v for d, v in result.val_loss.items()})
+        run.summary.update({f"max_frequency/{d}": v for d, v in result.max_frequency.items()})
+        run.summary.update({"divergence": result.divergence})
+        run.finish()
+    return os.path.join(directory, "wandb")
+
+
+def main(options: DemoOptions) -> int:
+    results = run(options)
+    rows = summary_rows(results, options.domains)
+    table = format_rows(rows)
+    paired = paired_differences(results)
+    if paired:
+        table += "\n" + paired
+    paths = write_heatmaps(results, options)
+    os.makedirs(options.out, exist_ok=True)
+    with open(os.path.join(options.out, "summary.txt"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print("(validation loss in nats per byte; MaxVio over the last quarter of training; max freq: the "
+          "highest expert selection frequency per domain, uniform is topk/experts "
+          f"= {options.topk / options.num_experts:.3f})")
+    for path in paths:
+        print(f"wrote {path}")
+    if options.wandb:
+        print(f"wandb runs in {log_wandb(results, options)}")
+    sys.stdout.flush()
+    return 0

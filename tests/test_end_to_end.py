@@ -1,6 +1,7 @@
 """The tiny Megatron-Core GPT-MoE trains under the patch with 2 data-parallel gloo ranks."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -12,24 +13,40 @@ from moe_lbl.testing.harness import spawn
 pytestmark = pytest.mark.cpu_harness
 
 
-@pytest.mark.parametrize("scope", ["global"])
-def test_training_with_dp2_reduces_loss_and_reports_balance(scope):
-    options = DemoOptions(steps=8, micro_batches=2)
-    ranks = spawn(_train_rank, 2, options, scope)
-    for records in ranks:
-        assert len(records) == options.steps
-        assert records[-1].loss < records[0].loss - 0.1
-        for r in records:
-            assert 0.9 < r.balancing_loss < 2.0  # N_E sum f P is 1 when perfectly balanced
-            assert math.isfinite(r.micro_max_vio) and math.isfinite(r.global_max_vio)
-            assert r.micro_max_vio >= 0 and r.global_max_vio >= 0
-    # Reduced values are identical on every rank.
-    assert [r.balancing_loss for r in ranks[0]] == pytest.approx([r.balancing_loss for r in ranks[1]])
-    assert [r.global_max_vio for r in ranks[0]] == [r.global_max_vio for r in ranks[1]]
+def test_training_with_dp2_reduces_loss_and_reports_balance():
+    options = DemoOptions(steps=8, micro_batches=2, seq_length=32, num_experts=8, eval_batches=1)
+    ranks = spawn(_train_rank, 2, options, "global", 0)
+    for result in ranks:
+        assert len(result.losses) == options.steps
+        assert result.losses[-1] < result.losses[0] - 0.1
+        for value in result.balancing_losses:
+            assert 0.9 < value < 2.0  # N_E sum f P is 1 when perfectly balanced
+        for vio in result.micro_max_vio + result.global_max_vio:
+            assert math.isfinite(vio) and vio >= 0
+    # Reduced values are identical on every rank; rank 0 evaluated every domain.
+    assert ranks[0].balancing_losses == pytest.approx(ranks[1].balancing_losses)
+    assert ranks[0].global_max_vio == ranks[1].global_max_vio
+    assert set(ranks[0].val_loss) == set(options.domains) and not ranks[1].val_loss
+    assert all(0 < f <= 1 for f in ranks[0].max_frequency.values())
 
 
-def moe_lbl(*args):
-    return subprocess.run([sys.executable, "-m", "moe_lbl.cli", *args], capture_output=True, text=True, timeout=300)
+def test_two_step_demo_writes_table_heatmaps_and_wandb_runs(tmp_path):
+    result = moe_lbl("demo", "--steps", "2", "--seeds", "0", "--micro-batches", "1", "--seq-length", "16", "--experts", "4",
+                     "--out", str(tmp_path), env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("val loss", "loss code", "loss arithmetic", "MaxVio micro", "MaxVio global", "max freq",
+                 "top-k score", "divergence", "s/step", "global - micro, val loss, per seed: "):
+        assert line in result.stdout
+    assert (tmp_path / "summary.txt").read_text().startswith(" ")
+    for scope in ("micro", "global"):
+        assert (tmp_path / f"expert_frequency_{scope}.png").stat().st_size > 1000
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+
+
+def moe_lbl(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "moe_lbl.cli", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
 
 
 def test_info_names_versions_and_support():
@@ -43,7 +60,8 @@ def test_info_names_versions_and_support():
 @pytest.mark.parametrize("args,error", [
     (["--steps", "0"], "steps must be >= 1"),
     (["--ranks", "100000"], "must not exceed this machine's"),
-    (["--topk", "9"], "topk (9) must not exceed num_experts (8)"),
+    (["--topk", "17"], "topk (17) must not exceed num_experts (16)"),
+    (["--domains", "code", "klingon"], "unknown domains ['klingon']"),
 ])
 def test_demo_rejects_bad_arguments(args, error):
     result = moe_lbl("demo", *args)
