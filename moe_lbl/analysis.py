@@ -16,6 +16,7 @@ Framework-agnostic: moe_lbl.record_routing feeds it from Megatron-Core routers.
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Optional
 
 import torch
@@ -41,6 +42,37 @@ class RoutingRecorder:
         self.tokens[key] = self.tokens.get(key, 0) + routing_map.shape[0]
         chosen = torch.where(routing_map, scores.float(), torch.zeros((), device=scores.device)).sum()
         self.score_sums[key] = self.score_sums.get(key, 0.0) + float(chosen)
+
+    def save(self, path: str) -> None:
+        """Write the recorded counts as JSON (moe-lbl analyze reads it)."""
+        entries = [{"domain": d, "layer": layer, "counts": self.counts[d, layer].tolist(),
+                    "tokens": self.tokens[d, layer], "score_sum": self.score_sums[d, layer]}
+                   for d, layer in sorted(self.counts)]
+        with open(path, "w") as f:
+            json.dump({"format": "moe-lbl routing record", "version": 1, "entries": entries}, f)
+
+    @classmethod
+    def load(cls, path: str) -> "RoutingRecorder":
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or data.get("format") != "moe-lbl routing record":
+            raise ValueError(f"{path} is not a moe-lbl routing record (written by RoutingRecorder.save)")
+        recorder = cls()
+        for entry in data["entries"]:
+            key = (entry["domain"], entry["layer"])
+            recorder.counts[key] = torch.tensor(entry["counts"], dtype=torch.int64)
+            recorder.tokens[key] = entry["tokens"]
+            recorder.score_sums[key] = entry["score_sum"]
+        return recorder
+
+    def report(self) -> str:
+        """The specialization metrics as text."""
+        maxima, scores = self.max_frequency(), self.mean_topk_score()
+        width = max(len(d) for d in self.domains)
+        lines = [f"{'domain'.ljust(width)}  max frequency  mean top-k score"]
+        lines += [f"{d.ljust(width)}  {maxima[d]:13.4f}  {scores[d]:16.4f}" for d in self.domains]
+        lines.append(f"domain divergence (Jensen-Shannon, nats, mean over pairs and layers): {self.domain_divergence():.4f}")
+        return "\n".join(lines)
 
     @property
     def domains(self) -> list:

@@ -75,6 +75,20 @@ def _demo(args) -> int:
     return demo(options)
 
 
+def _analyze(args) -> int:
+    from moe_lbl.analysis import RoutingRecorder
+
+    for path in args.records:
+        try:
+            recorder = RoutingRecorder.load(path)
+        except (OSError, ValueError, KeyError) as error:
+            print(f"moe-lbl analyze: {path}: {error}", file=sys.stderr)
+            return 2
+        print(f"== {path}")
+        print(recorder.report())
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:  # everything after "run" belongs to the launcher and the script
@@ -107,7 +121,11 @@ def main(argv=None) -> int:
                       help=f"corpus domains, from {', '.join(DOMAINS)}")
     demo.add_argument("--out", default=defaults.out, help="folder for the table, heatmaps and wandb runs")
     demo.add_argument("--no-wandb", action="store_true", help="do not write wandb runs")
+    analyze = commands.add_parser("analyze", help="specialization metrics of routing records (moe-lbl demo writes them)")
+    analyze.add_argument("records", nargs="+", help="routing_*.json files written by RoutingRecorder.save")
     args = parser.parse_args(argv)
+    if args.command == "analyze":
+        return _analyze(args)
     if args.command == "info":
         print("\n".join(info_lines()))
         return 0

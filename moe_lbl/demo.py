@@ -119,6 +119,8 @@ def _evaluate(model, corpus, options: DemoOptions, seed: int, result: RunResult)
     result.divergence = recorder.domain_divergence()
     result.frequency = {d: {layer: f.tolist() for layer, f in layers.items()}
                         for d, layers in recorder.selection_frequency().items()}
+    os.makedirs(options.out, exist_ok=True)
+    recorder.save(os.path.join(options.out, f"routing_{result.scope}_seed{seed}.json"))
 
 
 def _train_rank(rank: int, world_size: int, options: DemoOptions, scope: str, seed: int) -> RunResult:

@@ -60,7 +60,7 @@ def test_corpus_rejects_bad_arguments(kwargs, error):
         build_corpus(**kwargs)
 
 
-def test_specialization_metrics():
+def test_specialization_metrics(tmp_path):
     recorder = RoutingRecorder()
     with pytest.raises(RuntimeError, match="set recorder.domain"):
         recorder.observe(1, torch.ones(2, 4), torch.ones(2, 4, dtype=torch.bool))
@@ -77,6 +77,14 @@ def test_specialization_metrics():
     assert recorder.mean_topk_score()["math"] == pytest.approx((0.9 + 0.9) / 2)
     assert recorder.mean_topk_score()["code"] == pytest.approx(0.1)
     assert recorder.domain_divergence() == pytest.approx(math.log(2))  # disjoint experts
+    path = tmp_path / "record.json"
+    recorder.save(str(path))
+    loaded = RoutingRecorder.load(str(path))
+    assert loaded.selection_frequency().keys() == frequency.keys()
+    assert loaded.report() == recorder.report() and "domain divergence" in loaded.report()
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="not a moe-lbl routing record"):
+        RoutingRecorder.load(str(path))
     same = torch.tensor([0.5, 0.25, 0.25])
     assert jensen_shannon(same, same * 2) == pytest.approx(0.0)
 

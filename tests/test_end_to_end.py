@@ -42,6 +42,12 @@ def test_two_step_demo_writes_table_heatmaps_and_wandb_runs(tmp_path):
         assert (tmp_path / f"expert_frequency_{scope}.png").stat().st_size > 1000
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
+    analyzed = moe_lbl("analyze", str(tmp_path / "routing_global_seed0.json"))
+    assert analyzed.returncode == 0 and "max frequency" in analyzed.stdout and "domain divergence" in analyzed.stdout
+    for domain in ("code", "english", "arithmetic", "data"):
+        assert domain in analyzed.stdout
+    bad = moe_lbl("analyze", str(tmp_path / "summary.txt"))
+    assert bad.returncode == 2 and "summary.txt" in bad.stderr
 
 
 def moe_lbl(*args, env=None):
