@@ -50,10 +50,10 @@ class Options:
     modes: tuple = tuple(MODES)
 
     def __post_init__(self):
-        for name in ("ranks", "micro_batches", "micro_batch_size", "seq_length", "hidden_size", "layers",
-                     "experts", "topk", "steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from moe_lbl.testing.harness import check_options
+
+        check_options(self, ("ranks", "micro_batches", "micro_batch_size", "seq_length", "hidden_size", "layers",
+                             "experts", "topk", "steps", "repeats"), self.ranks)
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.topk > self.experts:
@@ -61,11 +61,6 @@ class Options:
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
             raise ValueError(f"unknown modes {unknown}: choose from {list(MODES)}")
-        if torch.cuda.is_available():
-            if self.ranks > torch.cuda.device_count():
-                raise ValueError(f"ranks ({self.ranks}) exceed the {torch.cuda.device_count()} GPUs")
-        elif self.ranks > (os.cpu_count() or 1):
-            raise ValueError(f"ranks ({self.ranks}) exceed this machine's {os.cpu_count()} cores")
 
 
 def _run_mode(rank: int, options: Options, mode: str):

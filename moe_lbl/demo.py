@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from moe_lbl.corpus import DOMAINS, VOCAB_SIZE, build_corpus
-from moe_lbl.testing.harness import MicroBatch, TinyGPT, build_gpt, causal_mask, device, spawn, train_step, wrap_ddp
+from moe_lbl.testing.harness import (MicroBatch, TinyGPT, build_gpt, causal_mask, check_options, device, spawn,
+                                     train_step, wrap_ddp)
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,10 @@ class DemoOptions:
     wandb: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "ranks", "micro_batches", "micro_batch_size", "seq_length", "layers", "hidden_size",
-                     "num_experts", "topk", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_options(self, ("steps", "ranks", "micro_batches", "micro_batch_size", "seq_length", "layers",
+                              "hidden_size", "num_experts", "topk", "eval_batches"), self.ranks)
         if self.topk > self.num_experts:
             raise ValueError(f"topk ({self.topk}) must not exceed num_experts ({self.num_experts})")
-        cores = os.cpu_count() or 1
-        if self.ranks > cores:
-            raise ValueError(f"ranks ({self.ranks}) must not exceed this machine's {cores} cores")
         for scope in self.scopes:
             if scope not in ("micro", "global"):
                 raise ValueError(f"unknown scope {scope!r}: use 'micro' and/or 'global'")

@@ -317,12 +317,11 @@ class LoadBalancer:
         Also reports each term's value divided by its coefficient, the first time.
         """
         sequence = handle.sequence.get()
-        sequence_tokens = sequence[-1].clamp(min=1).double()
+        scale = self.num_experts / sequence[-1].clamp(min=1).double()  # N_E / T over the sequence group
         weights = torch.zeros(self.num_experts, dtype=torch.float64, device=sequence.device)
         for name, coeff, pooled in self._terms:
             totals = self._pooled(handle) if pooled else sequence
             f = totals[:-1].double() / (self.topk * totals[-1].clamp(min=1).double())
-            scale = self.num_experts / sequence_tokens
             weights += (coeff * scale) * f
             if handle.report is not None and not handle.reported:
                 handle.report(name, (scale * (f * handle.score_sum.double()).sum()).float())

@@ -52,11 +52,11 @@ def layer_balance(layer: int, balancer: LoadBalancer) -> Optional[LayerBalance]:
     loads = balancer.last_step_loads
     if not loads:
         return None
-    per_micro_batch = _all_reduce(torch.stack(loads), balancer.sequence_group)
-    micro = max_violation(per_micro_batch)
+    local = torch.stack(loads)
+    total = _all_reduce(local.sum(dim=0), balancer.batch_group)
+    micro = max_violation(_all_reduce(local, balancer.sequence_group))
     summary = torch.stack([micro.sum(), torch.tensor(float(len(loads)), dtype=torch.float64, device=micro.device)])
     summary = _all_reduce(summary, balancer.batch_group)
-    total = _all_reduce(torch.stack(loads).sum(dim=0), balancer.batch_group)
     # Ranks of one sequence group hold the same micro values: the ratio is the data-parallel mean.
     return LayerBalance(
         layer=layer,

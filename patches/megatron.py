@@ -102,7 +102,7 @@ class Features:
     padding_mask: bool  # routing(logits, padding_mask) (0.16+)
     apply_aux_loss: bool  # TopKRouter._apply_aux_loss and is_aux_loss_enabled (0.14+)
     global_aux_loss: bool  # the "global_aux_loss" balancing type (0.15+)
-    reset_hook: str  # where the per-step reset is hooked
+    reset_model_temporary_tensors: bool  # else the per-step reset hooks DDP.finish_grad_sync (0.15+)
 
     @property
     def fused_routing(self) -> bool:
@@ -121,17 +121,15 @@ def features() -> Features:
         padding_mask="padding_mask" in inspect.signature(TopKRouter.routing).parameters,
         apply_aux_loss="_apply_aux_loss" in methods and "is_aux_loss_enabled" in methods,
         global_aux_loss="_apply_global_aux_loss" in methods,
-        reset_hook=(f"{_FINALIZE_MODULE}.reset_model_temporary_tensors"
-                    if hasattr(finalize, "reset_model_temporary_tensors")
-                    else f"{_DDP_MODULE}.DistributedDataParallel.finish_grad_sync"),
+        reset_model_temporary_tensors=hasattr(finalize, "reset_model_temporary_tensors"),
     )
 
 
-def _patch_points() -> list[tuple[object, str, object]]:
+def _patch_points(found: Optional[Features] = None) -> list[tuple[object, str, object]]:
     """(owner, attribute, replacement) for the installed Megatron-Core."""
     from megatron.core.transformer.moe.router import TopKRouter
 
-    found = features()
+    found = features() if found is None else found
     points = [(TopKRouter, "routing", _routing)]
     if found.apply_aux_loss:
         points += [(TopKRouter, "_apply_aux_loss", _apply_aux_loss),
@@ -144,8 +142,8 @@ def _patch_points() -> list[tuple[object, str, object]]:
         raise UnsupportedMegatronVersion(
             f"megatron-core {found.version}: TopKRouter has neither _apply_aux_loss nor "
             f"apply_load_balancing_loss; supported: megatron-core{SUPPORTED_RANGE}; nothing was patched")
-    finalize = importlib.import_module(_FINALIZE_MODULE)
-    if hasattr(finalize, "reset_model_temporary_tensors"):
+    if found.reset_model_temporary_tensors:
+        finalize = importlib.import_module(_FINALIZE_MODULE)
         points.append((finalize, "reset_model_temporary_tensors", _reset_model_temporary_tensors))
     else:
         ddp = importlib.import_module(_DDP_MODULE).DistributedDataParallel
@@ -554,10 +552,11 @@ def patch_megatron(scope: str = "global", coeff: Optional[float] = None, micro_c
         raise RuntimeError(
             "TopKRouter is already patched by another copy of moe_lbl.patches.megatron (a reloaded or "
             "second import); call that copy's unpatch_megatron() first. Nothing was patched.")
-    points = _patch_points()  # may refuse this Megatron-Core: before anything changes
+    found = features()
+    points = _patch_points(found)  # may refuse this Megatron-Core: before anything changes
     unpatch_megatron()
     _patch = _Patch(options, version, [(owner, name, owner.__dict__[name]) for owner, name, _ in points],
-                    weakref.WeakSet(), features())
+                    weakref.WeakSet(), found)
     for owner, name, replacement in points:
         setattr(owner, name, replacement)
     setattr(TopKRouter, _SENTINEL, options)

@@ -173,6 +173,18 @@ def _worker(fn, rank, world_size, init_file, out_dir, tensor_parallel, args):
         raise
 
 
+def check_options(options, positive: tuple, ranks: int) -> None:
+    """Shared checks of the run options: the named fields are >= 1, and `ranks` fit the machine
+    (one GPU per rank where CUDA is available, else one core per rank)."""
+    for name in positive:
+        if getattr(options, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(options, name)}")
+    cuda = torch.cuda.is_available()
+    available = torch.cuda.device_count() if cuda else (os.cpu_count() or 1)
+    if ranks > available:
+        raise ValueError(f"ranks ({ranks}) must not exceed this machine's {available} {'GPUs' if cuda else 'cores'}")
+
+
 def spawn(fn: Callable, world_size: int, *args, tensor_parallel: int = 1, timeout: float = 600) -> list:
     """Run fn(rank, world_size, *args) in `world_size` gloo ranks; return each rank's result.
 
