@@ -80,9 +80,9 @@ def _fused(logits, k, score_function):
     num_tokens, num_experts = logits.shape
     scale = COEFF * num_experts / (k * num_tokens * num_tokens)
     stats = []
-    out = fused_topk_router(logits, k, score_function=score_function, use_pre_softmax=k == 1,
-                            lbl_weights=lambda: scale * stats[0].aux_counts.float(),
-                            z_weight=lambda: 2 * Z_COEFF / num_tokens)
+    out = fused_topk_router(logits, k, score_function=score_function, use_pre_softmax=k == 1, sparse=False,
+                            lbl_grad=lambda: scale * stats[0].aux_counts.float(),
+                            z_grad=lambda: 2 * Z_COEFF / num_tokens)
     stats.append(out.stats)
     lbl = (out.stats.score_sums * out.stats.aux_counts).sum() * scale
     z = out.stats.z_sum * (Z_COEFF / num_tokens)

@@ -4,6 +4,7 @@ Import after setting TRITON_INTERPRET=1 to run them on CPU tensors (Triton reads
 kernels are defined).
 """
 
+from moe_lbl.kernels.launcher import interpreting
 from moe_lbl.kernels.topk_router import (
     Launch,
     RouterOutput,
@@ -13,5 +14,5 @@ from moe_lbl.kernels.topk_router import (
     topk_routing_with_score_function,
 )
 
-__all__ = ["Launch", "RouterOutput", "RouterStats", "RoutingSpec", "fused_topk_router",
+__all__ = ["Launch", "RouterOutput", "RouterStats", "RoutingSpec", "fused_topk_router", "interpreting",
            "topk_routing_with_score_function"]

@@ -366,7 +366,7 @@ def _kernels_on(router, logits) -> bool:
     mode = _patch.options.kernels
     if mode is False or (mode == "auto" and not logits.is_cuda):
         return False
-    from moe_lbl.kernels.topk_router import _interpreting
+    from moe_lbl.kernels import interpreting
 
     reason = _fused_unsupported(router, logits)
     if mode == "auto":
@@ -374,7 +374,7 @@ def _kernels_on(router, logits) -> bool:
     if reason is not None:
         raise ValueError(f"patch_megatron(kernels=True) cannot fuse this router: {reason}; "
                          "use kernels='auto' to fall back to Megatron's routing where needed")
-    if not (logits.is_cuda or _interpreting()):
+    if not (logits.is_cuda or interpreting()):
         raise RuntimeError("patch_megatron(kernels=True) needs CUDA logits (or TRITON_INTERPRET=1 on CPU)")
     return True
 
@@ -397,7 +397,7 @@ def _fused_routing(router, logits, padding_mask):
         z_coeff = config.moe_z_loss_coeff / _sequence_group(router).size()
     handle = []  # the balancing gradient needs counts that the forward produces
 
-    def z_weight():
+    def z_grad():
         # d(coeff * mean_valid lse^2)/d lse_t = 2 coeff lse_t / N, times the aux-loss scale
         # (which carries a factor N under per-token loss).
         return 2 * z_coeff * _loss_scale(router, stats.valid_tokens) / stats.valid_tokens.clamp(min=1)
@@ -407,8 +407,9 @@ def _fused_routing(router, logits, padding_mask):
         use_pre_softmax=config.moe_router_pre_softmax, num_groups=config.moe_router_num_groups,
         group_topk=config.moe_router_group_topk, scaling_factor=config.moe_router_topk_scaling_factor,
         expert_bias=router.expert_bias, padding_mask=padding_mask, compute_stats=training,
-        lbl_weights=(lambda: handle[0].gradient()) if balance else None,
-        z_weight=z_weight if z_coeff is not None else None,
+        dense=True, sparse=False,
+        lbl_grad=(lambda: handle[0].gradient()) if balance else None,
+        z_grad=z_grad if z_coeff is not None else None,
     )
     stats = out.stats
     if z_coeff is not None:

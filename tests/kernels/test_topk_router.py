@@ -9,7 +9,8 @@ import torch
 
 from moe_lbl.kernels import Launch, fused_topk_router, topk_routing_with_score_function
 from moe_lbl.kernels import topk_router as kernel_module
-from moe_lbl.testing.router_reference import near_tie_rows, reference_routing
+from moe_lbl.kernels.launcher import interpreting
+from moe_lbl.kernels.topk_router_reference import near_tie_rows, reference_routing
 
 EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.9e-3, torch.float16: 9.8e-4}
 PROBS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-5), torch.float16: (2e-3, 1e-6)}
@@ -44,7 +45,7 @@ CASES = [
 def device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    if request.param == "cpu" and not kernel_module._interpreting():
+    if request.param == "cpu" and not interpreting():
         pytest.skip("Triton compiles for the GPU here: the cuda variant runs these checks")
     return torch.device(request.param)
 
@@ -104,7 +105,7 @@ def test_forward_matches_reference(c, device, poisoned):
     logits, bias, padding, to = make_inputs(c, seed=c["E"] * 31 + c["k"], device=device)
     out = fused_topk_router(to(logits), c["k"], expert_bias=to(bias), padding_mask=to(padding),
                             launch=launch_for(device), **routing_kwargs(c))
-    probs, routing_map, indices, weights = (t.cpu() for t in (out.probs, out.routing_map, out.indices, out.weights))
+    probs, routing_map, indices, weights = (t.cpu() for t in (out.probs, out.routing_map, out.topk_indices, out.topk_probs))
     ref = reference_routing(logits, c["k"], expert_bias=bias, **routing_kwargs(c))
     T, k = c["T"], c["k"]
     valid = torch.ones(T, dtype=torch.bool) if padding is None else ~padding
@@ -171,11 +172,11 @@ def test_backward_matches_float64_autograd(c, device):
     z = 0.03
     x = to(logits).clone().requires_grad_()
     out = fused_topk_router(x, c["k"], expert_bias=to(bias), padding_mask=to(padding), launch=launch_for(device),
-                            lbl_weights=lambda: to(lbl), z_weight=lambda: z, **routing_kwargs(c))
-    ((out.probs * to(grad_probs)).sum() + (out.weights * to(grad_weights)).sum()).backward()
+                            lbl_grad=lambda: to(lbl), z_grad=lambda: z, **routing_kwargs(c))
+    ((out.probs * to(grad_probs)).sum() + (out.topk_probs * to(grad_weights)).sum()).backward()
 
     x64 = logits.double().requires_grad_()
-    ref = reference_routing(logits, c["k"], expert_bias=bias, indices=out.indices.cpu(), x=x64, **routing_kwargs(c))
+    ref = reference_routing(logits, c["k"], expert_bias=bias, indices=out.topk_indices.cpu(), x=x64, **routing_kwargs(c))
     valid = torch.ones(c["T"], dtype=torch.bool) if padding is None else ~padding
     total = ((ref.probs * grad_probs.double()).sum() + (ref.weights * grad_weights.double()).sum()
              + (ref.aux_scores[valid] * lbl.double()).sum() + z / 2 * (ref.lse[valid] ** 2).sum())
@@ -191,7 +192,7 @@ def test_exact_ties_break_toward_the_lower_index(dtype, score, pre, device, pois
     logits = torch.randint(-4, 5, (300, 16), generator=g).to(dtype)  # small integers: many exact ties
     out = fused_topk_router(logits.to(device), 4, score_function=score, use_pre_softmax=pre, launch=launch_for(device))
     ref = reference_routing(logits, 4, score_function=score, use_pre_softmax=pre)
-    assert torch.equal(out.indices.cpu().long(), ref.indices)
+    assert torch.equal(out.topk_indices.cpu().long(), ref.indices)
     aux_map = torch.zeros(300, 16, dtype=torch.bool).scatter(1, ref.aux_indices, True)
     assert torch.equal(out.stats.aux_counts.cpu(), aux_map.sum(0))
 
@@ -206,7 +207,7 @@ def test_results_are_deterministic(device):
 
 def test_no_tokens(device):
     out = fused_topk_router(torch.empty(0, 8, device=device), 2, launch=launch_for(device))
-    assert out.probs.shape == (0, 8) and out.indices.shape == (0, 2)
+    assert out.probs.shape == (0, 8) and out.topk_indices.shape == (0, 2)
     assert int(out.stats.aux_counts.sum()) == 0 and int(out.stats.valid_tokens) == 0
 
 
@@ -240,6 +241,6 @@ def test_router_replay_and_cpu_without_interpreter_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="router_replay is not supported"):
         topk_routing_with_score_function(torch.zeros(4, 8), 2, router_replay=object())
     if not torch.cuda.is_available():
-        monkeypatch.setattr(kernel_module, "_interpreting", lambda: False)
+        monkeypatch.setattr(kernel_module, "interpreting", lambda: False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             fused_topk_router(torch.zeros(4, 8), 2)

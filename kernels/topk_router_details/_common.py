@@ -1,0 +1,148 @@
+"""Pieces shared by the forward and backward router kernels."""
+
+import triton
+import triton.language as tl
+
+# Globals read inside @triton.jit code must be tl.constexpr objects: the compiler refuses an
+# annotated plain float ("Cannot access global variable"), though the interpreter accepts it.
+NEG_INF = tl.constexpr(float("-inf"))
+SIGMOID_EPS = tl.constexpr(1e-20)  # Megatron's renormalization epsilon
+INDEX_BITS = tl.constexpr(12)  # low bits of a sort key hold (4095 - expert): up to 4096 experts
+INDEX_MASK = tl.constexpr((1 << 12) - 1)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def row_max(v):
+    return tl.max(tl.max(v, 2), 1)
+
+
+@triton.jit
+def row_sum(v):
+    return tl.sum(tl.sum(v, 2), 1)
+
+
+@triton.jit
+def exp(x):
+    """e**x as one ex2 (tl.exp adds a denormal range fix-up: several instructions per element)."""
+    return tl.exp2(x * LOG2E)
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp2(-x * LOG2E))
+
+
+@triton.jit
+def round_to(v, DTYPE: tl.constexpr, CASTS_ROUND: tl.constexpr):
+    """Round fp32 values to DTYPE (to nearest, ties to even) and back: Megatron's value there.
+
+    CASTS_ROUND: casts round to nearest (compiled code). Triton's interpreter truncates fp32 ->
+    bf16 casts, even with fp_downcast_rounding="rtne": there bf16 is rounded by hand.
+    """
+    if DTYPE == tl.bfloat16 and not CASTS_ROUND:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16 or DTYPE == tl.bfloat16:
+        return v.to(DTYPE).to(tl.float32)
+    else:
+        return v
+
+
+@triton.jit
+def cast_to(v, DTYPE: tl.constexpr, CASTS_ROUND: tl.constexpr):
+    """fp32 values as DTYPE, rounded to nearest (a plain cast where casts round)."""
+    if CASTS_ROUND:
+        return v.to(DTYPE)
+    else:
+        return round_to(v, DTYPE, CASTS_ROUND).to(DTYPE)
+
+
+@triton.jit
+def expert_tile(G, GS, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr):
+    """Expert index and validity of a [1, BLOCK_G, BLOCK_GS] tile (groups x experts per group)."""
+    g3 = tl.arange(0, BLOCK_G)[None, :, None]
+    j3 = tl.arange(0, BLOCK_GS)[None, None, :]
+    return g3 * GS + j3, (g3 < G) & (j3 < GS)
+
+
+@triton.jit
+def load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T: tl.constexpr):
+    """Rows of one block and their logits in fp32 (-inf outside the experts)."""
+    rows = block * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # int64: T * E may pass 2**31
+    row_ok = rows < num_tokens
+    ok = row_ok[:, None, None] & col_ok
+    x = tl.load(logits_ptr + rows[:, None, None] * stride_t + expert, mask=ok, other=0.0).to(tl.float32)
+    return rows, row_ok, ok, tl.where(col_ok, x, NEG_INF)
+
+
+@triton.jit
+def no_key(VALUE_BITS: tl.constexpr):
+    """Below every sort_key."""
+    if VALUE_BITS == 32:
+        return -(1 << 62)
+    else:
+        return -(1 << 31)
+
+
+@triton.jit
+def above_keys(VALUE_BITS: tl.constexpr):
+    """Above every sort_key."""
+    if VALUE_BITS == 32:
+        return (1 << 63) - 1
+    else:
+        return (1 << 31) - 1
+
+
+@triton.jit
+def sort_key(value, index, ok, VALUE_BITS: tl.constexpr):
+    """Unique integer keys ordered as (value, then lower index): one reduction per top-k round.
+
+    The value's order-preserving integer (its fp32 bits, magnitude flipped for negatives) keeps
+    its VALUE_BITS significant high bits (16 for bf16 values, 19 for fp16: int32 keys; 32 for
+    fp32: int64 keys) above INDEX_BITS bits holding INDEX_MASK - index. Outside `ok` the key is
+    below every valid one.
+    """
+    bits = value.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    if VALUE_BITS == 32:
+        key = (ordered.to(tl.int64) << INDEX_BITS) | (index ^ INDEX_MASK).to(tl.int64)
+    else:  # the low 32 - VALUE_BITS >= INDEX_BITS bits carry no value: the index goes there
+        key = (ordered & (-1 << (32 - VALUE_BITS))) | (index ^ INDEX_MASK)
+    return tl.where(ok, key, no_key(VALUE_BITS))
+
+
+@triton.jit
+def key_index(key):
+    return ((key & INDEX_MASK) ^ INDEX_MASK).to(tl.int32)
+
+
+@triton.jit
+def key_value(key, VALUE_BITS: tl.constexpr):
+    """The fp32 value a sort_key was made from."""
+    if VALUE_BITS == 32:
+        ordered = (key >> INDEX_BITS).to(tl.int32)
+        bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    else:
+        ordered = key & (-1 << (32 - VALUE_BITS))
+        bits = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)) & (-1 << (32 - VALUE_BITS))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def top_keys(keys, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr):
+    """The K largest keys of each row of a [BLOCK_T, BLOCK_G, BLOCK_GS] tile, largest first, as
+    [BLOCK_T, KP] (KP >= K, a power of two; columns from K on repeat the K-th key).
+
+    Keys are unique, so each round is one masked max: the largest key below the last one.
+    """
+    rank = tl.arange(0, KP)[None, :]
+    best = row_max(keys)
+    chosen = tl.zeros([keys.shape[0], KP], keys.dtype) + best[:, None]
+    for r in tl.static_range(1, K):
+        best = row_max(tl.where(keys < best[:, None, None], keys, no_key(VALUE_BITS)))
+        chosen = tl.where(rank >= r, best[:, None], chosen)
+    return chosen, best
+

@@ -1,0 +1,179 @@
+"""Forward router kernel: routing, sparse and dense outputs and the balancing statistics in one pass."""
+
+import triton
+import triton.language as tl
+
+from moe_lbl.kernels.topk_router_details._common import (
+    LN2,
+    LOG2E,
+    SIGMOID_EPS,
+    above_keys,
+    exp,
+    expert_tile,
+    key_index,
+    key_value,
+    load_rows,
+    no_key,
+    round_to,
+    row_max,
+    row_sum,
+    sigmoid,
+    sort_key,
+    top_keys,
+)
+
+
+@triton.jit
+def _group_mask(keys, G, K: tl.constexpr, GROUP_TOPK: tl.constexpr, BLOCK_G: tl.constexpr,
+                KEY_BITS: tl.constexpr, ROUND_GROUP: tl.constexpr, DTYPE: tl.constexpr, CASTS_ROUND: tl.constexpr):
+    """Keep the keys of each row's GROUP_TOPK best groups, a group scored by the sum of its top
+    K // GROUP_TOPK values (Megatron's group-limited routing); the rest become no_key."""
+    group_score = tl.zeros([keys.shape[0], BLOCK_G], tl.float32)
+    remaining = keys
+    for _ in tl.static_range(K // GROUP_TOPK):
+        best = tl.max(remaining, 2)
+        group_score += key_value(best, KEY_BITS)
+        remaining = tl.where(remaining == best[:, :, None], no_key(KEY_BITS), remaining)
+    if ROUND_GROUP:
+        group_score = round_to(group_score, DTYPE, CASTS_ROUND)
+    g2 = tl.arange(0, BLOCK_G)[None, :]
+    group_keys = sort_key(group_score, g2, g2 < G, KEY_BITS)
+    best = tl.max(group_keys, 1)
+    for _ in tl.static_range(1, GROUP_TOPK):
+        best = tl.max(tl.where(group_keys < best[:, None], group_keys, no_key(KEY_BITS)), 1)
+    return tl.where((group_keys >= best[:, None])[:, :, None], keys, no_key(KEY_BITS))
+
+
+@triton.jit
+def router_forward(
+    # inputs
+    logits_ptr, stride_t, num_tokens, bias_ptr, padding_ptr, scaling_factor,
+    # outputs: dense [T, E], sparse [T, K]
+    probs_ptr, map_ptr, indices_ptr, weights_ptr,
+    # per-program statistics: counts [P, 2, E] (aux top-k, dispatched), score sums [P, E], z sums [P]
+    counts_partial_ptr, scores_partial_ptr, z_partial_ptr,
+    # routing
+    E: tl.constexpr, K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, GROUP_TOPK: tl.constexpr,
+    SOFTMAX: tl.constexpr, PRE_SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_SCALING: tl.constexpr, LOGIT_BITS: tl.constexpr, SELECT_BITS: tl.constexpr,
+    # what to compute
+    WRITE_DENSE: tl.constexpr, WRITE_WEIGHTS: tl.constexpr, COMPUTE_STATS: tl.constexpr,
+    SEPARATE_AUX_TOPK: tl.constexpr,
+    # tiles
+    BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, KP: tl.constexpr,
+    CASTS_ROUND: tl.constexpr,
+):
+    DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    expert, col_ok = expert_tile(G, GS, BLOCK_G, BLOCK_GS)
+    rank = tl.arange(0, KP)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert, mask=col_ok, other=0.0).to(tl.float32)
+    if COMPUTE_STATS:
+        count_aux = tl.zeros([BLOCK_T, BLOCK_G, BLOCK_GS], tl.int32)
+        count_dispatch = tl.zeros([BLOCK_T, BLOCK_G, BLOCK_GS], tl.int32)
+        score_sum = tl.zeros([BLOCK_T, BLOCK_G, BLOCK_GS], tl.float32)
+        z_sum = tl.zeros([BLOCK_T], tl.float32)
+
+    for block in range(pid, tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
+        rows, row_ok, ok, x = load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T)
+        top_ok = row_ok[:, None] & (rank < K)
+        row_max_x = row_max(x)
+        shifted = tl.exp2(x * LOG2E - (row_max_x * LOG2E)[:, None, None])
+        denominator = row_sum(shifted)
+        inv_denominator = 1.0 / denominator
+
+        # Scores that choose the experts, as Megatron compares them, as unique sort keys.
+        if SOFTMAX:
+            if PRE_SOFTMAX:
+                select = round_to(shifted * inv_denominator[:, None, None], DTYPE, CASTS_ROUND)
+            else:
+                select = x
+        else:
+            scores = round_to(sigmoid(x), DTYPE, CASTS_ROUND)
+            if HAS_BIAS:
+                select = scores + bias  # promoted to fp32, as in Megatron
+            else:
+                select = scores
+        all_keys = sort_key(select, expert, col_ok, SELECT_BITS)
+        keys = all_keys
+        if GROUP_TOPK > 0:
+            keys = _group_mask(keys, G, K, GROUP_TOPK, BLOCK_G, SELECT_BITS, not HAS_BIAS, DTYPE, CASTS_ROUND)
+        top, kth = top_keys(keys, K, KP, SELECT_BITS)
+        taken = keys >= kth[:, None, None]
+        indices = key_index(top)
+        tl.store(indices_ptr + rows[:, None] * K + rank, indices, mask=top_ok)
+
+        # Probabilities of the chosen experts, [BLOCK_T, KP], from the keys' values.
+        if SOFTMAX:
+            if PRE_SOFTMAX:
+                probs = key_value(top, SELECT_BITS)
+            else:
+                chosen = key_value(top, SELECT_BITS)
+                chosen_exp = tl.where(rank < K, exp(chosen - tl.max(chosen, 1)[:, None]), 0.0)
+                probs = round_to(chosen_exp * (1.0 / tl.sum(chosen_exp, 1))[:, None], DTYPE, CASTS_ROUND)
+        else:
+            if HAS_BIAS:  # the keys hold sigmoid + bias: read the logits back (a cached row)
+                chosen_logits = tl.load(logits_ptr + rows[:, None] * stride_t + indices, mask=top_ok, other=0.0)
+                chosen = round_to(sigmoid(chosen_logits.to(tl.float32)), DTYPE, CASTS_ROUND)
+            else:
+                chosen = key_value(top, SELECT_BITS)
+            if K > 1:
+                total = round_to(tl.sum(tl.where(rank < K, chosen, 0.0), 1), DTYPE, CASTS_ROUND)
+                total = round_to(total + SIGMOID_EPS, DTYPE, CASTS_ROUND)
+                probs = round_to(chosen / total[:, None], DTYPE, CASTS_ROUND)
+            else:
+                probs = chosen
+        if HAS_SCALING:
+            probs = round_to(probs * scaling_factor, DTYPE, CASTS_ROUND)
+        if WRITE_WEIGHTS:
+            tl.store(weights_ptr + rows[:, None] * K + rank, probs.to(DTYPE), mask=top_ok)
+        if WRITE_DENSE:
+            r3 = rows[:, None, None]
+            tl.store(map_ptr + r3 * E + expert, taken.to(tl.uint8), mask=ok)
+            # Zeros everywhere, then the K chosen values over them: the barrier orders the two
+            # stores of one element made by different threads.
+            tl.store(probs_ptr + r3 * E + expert, tl.zeros([BLOCK_T, BLOCK_G, BLOCK_GS], DTYPE), mask=ok)
+            tl.debug_barrier()
+            tl.store(probs_ptr + rows[:, None] * E + indices, probs.to(DTYPE), mask=top_ok)
+
+        if COMPUTE_STATS:
+            valid = row_ok
+            if HAS_PADDING:
+                valid = valid & (tl.load(padding_ptr + rows, mask=row_ok, other=1) == 0)
+            # Padding rows count nothing: no key reaches their threshold, their scores weigh 0.
+            valid_kth = tl.where(valid, kth, above_keys(SELECT_BITS))
+            # The aux-loss scores of compute_routing_scores_for_aux_loss, their sums and top-k.
+            if SOFTMAX:
+                score_sum += shifted * tl.where(valid, inv_denominator, 0.0)[:, None, None]
+            else:
+                total = round_to(round_to(row_sum(scores), DTYPE, CASTS_ROUND) + SIGMOID_EPS, DTYPE, CASTS_ROUND)
+                aux = round_to(scores * (1.0 / total)[:, None, None], DTYPE, CASTS_ROUND)
+                score_sum += aux * valid.to(tl.float32)[:, None, None]
+            if SEPARATE_AUX_TOPK:
+                if SOFTMAX:  # softmax keeps the logits' order: rank the logits themselves
+                    if PRE_SOFTMAX:
+                        aux_keys = sort_key(x, expert, col_ok, LOGIT_BITS)
+                    else:
+                        aux_keys = all_keys
+                else:
+                    aux_keys = sort_key(aux, expert, col_ok, LOGIT_BITS)
+                _, aux_kth = top_keys(aux_keys, K, KP, LOGIT_BITS)  # no bias here: logits-dtype values
+                aux_kth = tl.where(valid, aux_kth, above_keys(LOGIT_BITS))
+                count_aux += (aux_keys >= aux_kth[:, None, None]).to(tl.int32)
+                count_dispatch += (keys >= valid_kth[:, None, None]).to(tl.int32)
+            else:
+                count_aux += (keys >= valid_kth[:, None, None]).to(tl.int32)
+            lse = row_max_x + tl.log2(denominator) * LN2
+            z_sum += tl.where(valid, lse * lse, 0.0)
+
+    if COMPUTE_STATS:
+        g2 = tl.arange(0, BLOCK_G)[:, None]
+        j2 = tl.arange(0, BLOCK_GS)[None, :]
+        e2 = g2 * GS + j2
+        ok2 = (g2 < G) & (j2 < GS)
+        tl.store(counts_partial_ptr + pid * 2 * E + e2, tl.sum(count_aux, 0), mask=ok2)
+        if SEPARATE_AUX_TOPK:
+            tl.store(counts_partial_ptr + pid * 2 * E + E + e2, tl.sum(count_dispatch, 0), mask=ok2)
+        tl.store(scores_partial_ptr + pid * E + e2, tl.sum(score_sum, 0), mask=ok2)
+        tl.store(z_partial_ptr + pid, tl.sum(z_sum, 0))
