@@ -100,3 +100,11 @@ def programs(kernel, num_blocks: int, requested: int | None, device, make_args, 
     else:
         count = 4
     return max(1, min(count, num_blocks))
+
+
+def load(launches: list[KernelLaunch]) -> None:
+    """Compile captured launches for the current CUDA device and load them there, without running
+    them: what a first launch would raise (a compile error, too many resources), raised now."""
+    for captured in launches:
+        compiled = captured.kernel.warmup(*captured.args, grid=(1,), **captured.kwargs)
+        compiled._init_handles()  # loading checks shared memory and registers against the device

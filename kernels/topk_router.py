@@ -329,6 +329,38 @@ def fused_topk_router(
     return RouterOutput(probs, routing_map, topk_indices, topk_probs, stats_box[0])
 
 
+def load_router(logits: torch.Tensor, topk: int, *, backward: bool = True, **options) -> float:
+    """Compile and load, on the CUDA device of `logits`, the kernels that fused_topk_router(logits,
+    topk, **options) launches, and its backward from probs (dense) or topk_probs (sparse) when
+    `backward`; nothing runs. Returns the seconds taken (a first call's compile time); raises
+    what the first call would raise (a compile error, too many resources for the device).
+
+    Tensor options (expert_bias, padding_mask) and the lbl_grad result only need the right
+    shape and dtype: everything is traced on meta tensors.
+    """
+    import time
+
+    meta = torch.device("meta")
+
+    def like(t):
+        return None if t is None else torch.empty(t.shape, dtype=t.dtype, device=meta)
+
+    options = dict(options)
+    for name in ("expert_bias", "padding_mask"):
+        options[name] = like(options.get(name))
+    if options.get("lbl_grad") is not None:
+        options["lbl_grad"] = lambda: torch.empty(logits.shape[1], device=meta)
+    traced = torch.empty(logits.shape, dtype=logits.dtype, device=meta, requires_grad=backward)
+    with launcher.capture() as launches, torch.enable_grad():
+        out = fused_topk_router(traced, topk, **options)
+        if backward:
+            (out.probs if out.probs is not None else out.topk_probs).float().sum().backward()
+    start = time.perf_counter()
+    with torch.cuda.device(logits.device):
+        launcher.load(launches)
+    return time.perf_counter() - start
+
+
 def topk_routing_with_score_function(
     logits: torch.Tensor,
     topk: int,

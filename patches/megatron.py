@@ -22,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
 import torch
@@ -225,6 +226,8 @@ class _Patch:
     originals: list  # (owner, attribute, original)
     routers: "weakref.WeakSet"
     features: Features
+    load_failures: dict = field(default_factory=dict)  # kernel specialization -> why it cannot load, or None
+    fallback_warned: set = field(default_factory=set)  # reasons kernels='auto' has warned of
 
     def original(self, owner, name):
         return next(o for w, n, o in self.originals if w is owner and n == name)
@@ -340,17 +343,24 @@ def _is_aux_loss_enabled(self) -> bool:
     return balancer_of(self).enabled or self.get_aux_loss_coeff("seq_aux_loss") > 0
 
 
+# Balancing types the fused path computes; any other (sinkhorn, quantile balancing, a newer
+# Megatron's own) keeps Megatron's routing.
+_FUSED_BALANCING_TYPES = {"aux_loss", "global_aux_loss", "none"}
+
+
 def _fused_unsupported(router, logits) -> Optional[str]:
-    """Why the fused router cannot serve this call, or None."""
-    from moe_lbl.kernels.topk_router import MAX_EXPERTS, MAX_TOPK, SUPPORTED_DTYPES
+    """Why the fused router cannot serve this router's options, or None."""
+    from moe_lbl.kernels.topk_router import MAX_EXPERTS, MAX_TOPK, SCORE_FUNCTIONS, SUPPORTED_DTYPES
 
     config = router.config
     if not _patch.features.fused_routing:
         return f"megatron-core {_patch.version} (the fused path needs 0.14 or newer)"
-    if router.routing_type == "sinkhorn":
-        return "sinkhorn routing"
-    if _balancing_types(config).get("seq_aux_loss", 0.0) > 0:
-        return "seq_aux_loss"
+    other_types = sorted(t for t, coeff in _balancing_types(config).items()
+                         if t not in _FUSED_BALANCING_TYPES and (coeff > 0 or t != "seq_aux_loss"))
+    if other_types:
+        return f"{', '.join(other_types)} balancing"
+    if router.score_function not in SCORE_FUNCTIONS:
+        return f"score function {router.score_function!r} (the kernels have {', '.join(SCORE_FUNCTIONS)})"
     if getattr(router, "router_replay", None) is not None:
         return "router replay"
     if getattr(config, "moe_router_fusion", False):
@@ -362,21 +372,69 @@ def _fused_unsupported(router, logits) -> Optional[str]:
     return None
 
 
-def _kernels_on(router, logits) -> bool:
+def _fused_options(router, logits, padding_mask, training: bool) -> dict:
+    """fused_topk_router's arguments for this router and call (the gradient sources as flags)."""
+    config = router.config
+    return dict(
+        score_function=router.score_function, use_pre_softmax=config.moe_router_pre_softmax,
+        num_groups=config.moe_router_num_groups, group_topk=config.moe_router_group_topk,
+        scaling_factor=config.moe_router_topk_scaling_factor, expert_bias=router.expert_bias,
+        padding_mask=padding_mask, compute_stats=training, dense=True, sparse=False,
+        lbl_grad=training and balancer_of(router).enabled,
+        z_grad=training and config.moe_z_loss_coeff is not None)
+
+
+def _on_gpu(logits) -> bool:
+    """Logits the compiled kernels run on (kernels='auto' fuses only these)."""
+    return logits.is_cuda
+
+
+def _load_failure(router, logits, padding_mask) -> Optional[str]:
+    """Why the kernels for this call fail to compile or load on its GPU, or None; once per
+    specialization (compiling on meta tensors, before anything runs: a backward that could not
+    compile would otherwise fail after the forward had been fused)."""
+    if not _on_gpu(logits):
+        return None  # the interpreter compiles nothing
+    from moe_lbl.kernels.topk_router import load_router
+
+    training = router.training and torch.is_grad_enabled()
+    options = _fused_options(router, logits, padding_mask, training)
+    num_tokens = logits.numel() // router.config.num_moe_experts
+    key = (logits.dtype, logits.device, num_tokens == 1, num_tokens % 16 == 0,
+           *((name, value if not isinstance(value, torch.Tensor) else value.dtype)
+             for name, value in sorted(options.items())))
+    if key not in _patch.load_failures:
+        try:
+            load_router(logits.view(-1, router.config.num_moe_experts), router.topk, backward=training,
+                        **{**options, "lbl_grad": (lambda: None) if options["lbl_grad"] else None,
+                           "z_grad": (lambda: 0.0) if options["z_grad"] else None})
+            _patch.load_failures[key] = None
+        except Exception as error:  # whatever the first launch would raise, it raises here
+            _patch.load_failures[key] = f"the kernels failed to compile or load: {type(error).__name__}: " + (
+                str(error).strip().splitlines() or [""])[0]
+    return _patch.load_failures[key]
+
+
+def _kernels_on(router, logits, padding_mask) -> bool:
+    """Whether this call runs the fused kernels. kernels='auto' falls back to Megatron's routing,
+    with one warning per reason; kernels=True raises the reason instead."""
     mode = _patch.options.kernels
-    if mode is False or (mode == "auto" and not logits.is_cuda):
+    if mode is False or (mode == "auto" and not _on_gpu(logits)):
         return False
     from moe_lbl.kernels import interpreting
 
-    reason = _fused_unsupported(router, logits)
-    if mode == "auto":
-        return logits.is_cuda and reason is None
-    if reason is not None:
+    if mode is True and not (_on_gpu(logits) or interpreting()):
+        raise RuntimeError("patch_megatron(kernels=True) needs CUDA logits (or TRITON_INTERPRET=1 on CPU)")
+    reason = _fused_unsupported(router, logits) or _load_failure(router, logits, padding_mask)
+    if reason is None:
+        return True
+    if mode is True:
         raise ValueError(f"patch_megatron(kernels=True) cannot fuse this router: {reason}; "
                          "use kernels='auto' to fall back to Megatron's routing where needed")
-    if not (logits.is_cuda or interpreting()):
-        raise RuntimeError("patch_megatron(kernels=True) needs CUDA logits (or TRITON_INTERPRET=1 on CPU)")
-    return True
+    if reason not in _patch.fallback_warned:
+        _patch.fallback_warned.add(reason)
+        warnings.warn(f"moe-lbl: the fused router falls back to Megatron's routing: {reason}", stacklevel=3)
+    return False
 
 
 def _fused_routing(router, logits, padding_mask):
@@ -402,15 +460,10 @@ def _fused_routing(router, logits, padding_mask):
         # (which carries a factor N under per-token loss).
         return 2 * z_coeff * _loss_scale(router, stats.valid_tokens) / stats.valid_tokens.clamp(min=1)
 
-    out = fused_topk_router(
-        logits, router.topk, score_function=router.score_function,
-        use_pre_softmax=config.moe_router_pre_softmax, num_groups=config.moe_router_num_groups,
-        group_topk=config.moe_router_group_topk, scaling_factor=config.moe_router_topk_scaling_factor,
-        expert_bias=router.expert_bias, padding_mask=padding_mask, compute_stats=training,
-        dense=True, sparse=False,
-        lbl_grad=(lambda: handle[0].gradient()) if balance else None,
-        z_grad=z_grad if z_coeff is not None else None,
-    )
+    options = _fused_options(router, logits, padding_mask, training)
+    options["lbl_grad"] = (lambda: handle[0].gradient()) if options["lbl_grad"] else None
+    options["z_grad"] = z_grad if options["z_grad"] else None
+    out = fused_topk_router(logits, router.topk, **options)
     stats = out.stats
     if z_coeff is not None:
         z_value = stats.z_sum / stats.valid_tokens.clamp(min=1)  # z_loss / coeff, as Megatron logs it
@@ -447,7 +500,7 @@ def _dispatched(routing_map, padding_mask):
 def _routing(self, logits, padding_mask=None):
     from megatron.core.transformer.moe.router import TopKRouter
 
-    if _kernels_on(self, logits):
+    if _kernels_on(self, logits, padding_mask):
         return _fused_routing(self, logits, padding_mask)
     original = _patch.original(TopKRouter, "routing")
     if padding_mask is None:
