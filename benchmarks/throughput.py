@@ -50,7 +50,7 @@ class Options:
     modes: tuple = tuple(MODES)
 
     def __post_init__(self):
-        from moe_lbl.testing.harness import check_options
+        from moe_lbl.validation import check_options
 
         check_options(self, ("ranks", "micro_batches", "micro_batch_size", "seq_length", "hidden_size", "layers",
                              "experts", "topk", "steps", "repeats"), self.ranks)
@@ -65,7 +65,7 @@ class Options:
 
 def _run_mode(rank: int, options: Options, mode: str):
     import moe_lbl
-    from moe_lbl.testing.harness import TinyGPT, build_gpt, synthetic_batches, train_step, wrap_ddp
+    from moe_lbl.tiny_gpt import TinyGPT, build_gpt, synthetic_batches, train_step, wrap_ddp
 
     moe_lbl.unpatch_megatron()
     settings = MODES[mode]
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         options = Options(**fields, modes=tuple(args.modes))
     except ValueError as error:
         parser.error(str(error))
-    from moe_lbl.testing.harness import spawn
+    from moe_lbl.tiny_gpt import spawn
 
     command = "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     results = spawn(_worker, options.ranks, options)[0]

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from moe_lbl.corpus import DOMAINS, VOCAB_SIZE, build_corpus
-from moe_lbl.testing.harness import (MicroBatch, TinyGPT, build_gpt, causal_mask, check_options, device, spawn,
-                                     train_step, wrap_ddp)
+from moe_lbl.validation import check_options
+from moe_lbl.tiny_gpt import MicroBatch, TinyGPT, build_gpt, causal_mask, device, spawn, train_step, wrap_ddp
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def megatron_world():
     """A one-rank gloo world with Megatron's parallel state and the CPU shims, in this process."""
-    from moe_lbl.testing.harness import distributed
+    from moe_lbl.tiny_gpt import distributed
 
     with tempfile.TemporaryDirectory() as tmp:
         with distributed(0, 1, os.path.join(tmp, "init")):
@@ -41,7 +41,7 @@ def clean_state():
     yield
     moe_lbl.unpatch_megatron()
     if "megatron.core.transformer.moe.moe_utils" in sys.modules:
-        from moe_lbl.testing.harness import aux_loss_tracker
+        from tests.helpers.megatron import aux_loss_tracker
 
         aux_loss_tracker().clear()
 

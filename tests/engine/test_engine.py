@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe_lbl.engine import GLOBAL_LOSS_NAME, BalanceConfig, LoadBalancer
-from moe_lbl.testing.reference import random_micro_batch, reference_losses, topk_mask
+from tests.helpers.reference import random_micro_batch, reference_losses, topk_mask
 
 
 def run_engine(config, micro_batches, num_experts, topk, scale):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from moe_lbl.engine import BalanceConfig, LoadBalancer
-from moe_lbl.testing.harness import spawn
-from moe_lbl.testing.reference import assert_matches_reference, random_micro_batch, reference_losses, topk_mask
+from moe_lbl.tiny_gpt import spawn
+from tests.helpers.reference import assert_matches_reference, random_micro_batch, reference_losses, topk_mask
 
 pytestmark = pytest.mark.cpu_harness
 

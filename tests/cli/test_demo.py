@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from moe_lbl.demo import DemoOptions, _train_rank
-from moe_lbl.testing.harness import spawn
+from moe_lbl.tiny_gpt import spawn
 
 pytestmark = pytest.mark.cpu_harness
 

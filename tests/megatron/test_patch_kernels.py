@@ -8,7 +8,8 @@ import torch
 
 import moe_lbl
 from moe_lbl.patches.megatron import balancer_of
-from moe_lbl.testing.harness import TinyGPT, build_gpt, build_router, forward_loss, synthetic_batches, take_tracker
+from moe_lbl.tiny_gpt import TinyGPT, build_gpt, forward_loss, synthetic_batches
+from tests.helpers.megatron import build_router, take_tracker
 
 ROUTERS = {
     "softmax-top2-global-z": dict(num_experts=8, topk=2, moe_z_loss_coeff=1e-3),
