@@ -33,9 +33,23 @@ import torch.distributed as dist
 
 SCOPES = ("micro", "global")
 
+SIGMOID_EPS = 1e-20  # Megatron's epsilon when it normalizes sigmoid scores to sum 1
+
 # Names under which the loss values are reported; Megatron's training log knows these two.
 MICRO_LOSS_NAME = "load_balancing_loss"
 GLOBAL_LOSS_NAME = "global_load_balancing_loss"
+
+
+def balancing_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
+    """s_t of every token, [T, N_E]: softmax over all experts, or sigmoid scores normalized to sum 1.
+
+    What Megatron-Core's compute_routing_scores_for_aux_loss computes (0.14 and newer; older
+    versions compute the same inside their routing), in the dtype of `logits`.
+    """
+    if score_function == "softmax":
+        return torch.softmax(logits, dim=-1)
+    scores = torch.sigmoid(logits)
+    return scores / (scores.sum(dim=-1, keepdim=True) + SIGMOID_EPS)
 
 
 def _check_coeff(name: str, value) -> None:

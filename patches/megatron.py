@@ -19,7 +19,6 @@ moe_utils would change nothing), guarded by a sentinel attribute.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.metadata
 import weakref
@@ -487,44 +486,6 @@ def iter_balancers(model) -> Iterator[tuple[int, LoadBalancer]]:
             balancer = getattr(module, _BALANCER, None)
             if balancer is not None:
                 yield module.layer_number, balancer
-
-
-@contextlib.contextmanager
-def record_routing(model, recorder: Optional["RoutingRecorder"] = None):
-    """Record every TopKRouter's expert choices, tagged by `recorder.domain`, while in the block.
-
-    Works on any Megatron-Core MoE model, patched or not. Meant for evaluation: each router's
-    scores are recomputed from its input (softmax over all experts, or normalized sigmoid), so
-    the summed top-k score can be measured whatever the routing options.
-    """
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    from moe_lbl.analysis import RoutingRecorder
-
-    recorder = RoutingRecorder() if recorder is None else recorder
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-
-    def hook(router, args, kwargs, output):
-        with torch.no_grad():
-            logits = router.gating(args[0]).view(-1, router.config.num_moe_experts).float()
-            if router.score_function == "softmax":
-                scores = torch.softmax(logits, dim=-1)
-            else:
-                scores = torch.sigmoid(logits)
-                scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
-            padding = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
-            valid = None if padding is None else ~padding.reshape(-1)
-            recorder.observe(router.layer_number, scores, output[1], valid)
-
-    handles = [module.register_forward_hook(hook, with_kwargs=True)
-               for chunk in chunks for module in chunk.modules() if isinstance(module, TopKRouter)]
-    if not handles:
-        raise ValueError("the model has no Megatron-Core TopKRouter to record")
-    try:
-        yield recorder
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def patch_megatron(scope: str = "global", coeff: Optional[float] = None, micro_coeff: float = 0.0,
