@@ -50,7 +50,7 @@ class Options:
     modes: tuple = tuple(MODES)
 
     def __post_init__(self):
-        from moe_lbl.validation import check_options
+        from moe_lbl.validation import check_known, check_options
 
         check_options(self, ("ranks", "micro_batches", "micro_batch_size", "seq_length", "hidden_size", "layers",
                              "experts", "topk", "steps", "repeats"), self.ranks)
@@ -58,9 +58,7 @@ class Options:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.topk > self.experts:
             raise ValueError(f"topk ({self.topk}) must not exceed experts ({self.experts})")
-        unknown = [m for m in self.modes if m not in MODES]
-        if unknown:
-            raise ValueError(f"unknown modes {unknown}: choose from {list(MODES)}")
+        check_known("modes", self.modes, tuple(MODES))
 
 
 def _run_mode(rank: int, options: Options, mode: str):

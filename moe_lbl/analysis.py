@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from moe_lbl.engine import balancing_scores
+from moe_lbl.tables import format_table
 
 
 class RoutingRecorder:
@@ -72,9 +73,9 @@ class RoutingRecorder:
     def report(self) -> str:
         """The specialization metrics as text."""
         maxima, scores = self.max_frequency(), self.mean_topk_score()
-        width = max(len(d) for d in self.domains)
-        lines = [f"{'domain'.ljust(width)}  max frequency  mean top-k score"]
-        lines += [f"{d.ljust(width)}  {maxima[d]:13.4f}  {scores[d]:16.4f}" for d in self.domains]
+        rows = [{"domain": d, "max frequency": f"{maxima[d]:.4f}", "mean top-k score": f"{scores[d]:.4f}"}
+                for d in self.domains]
+        lines = [format_table(rows, ["domain", "max frequency", "mean top-k score"], rule=False)]
         lines.append(f"domain divergence (Jensen-Shannon, nats, mean over pairs and layers): {self.domain_divergence():.4f}")
         return "\n".join(lines)
 

@@ -4,7 +4,6 @@ a training script with the patch applied."""
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -13,19 +12,11 @@ import sys
 MAIN_JOB = "bash scripts/setup.sh && .venv/bin/moe-lbl demo"
 
 
-def _version(*distributions: str) -> str:
-    for name in distributions:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "not installed"
-
-
 def info_lines() -> list[str]:
     import torch
 
     from moe_lbl import __version__
+    from moe_lbl.environment import installed_version
     from moe_lbl.patches import megatron as patch
 
     cuda = (f"{torch.version.cuda}, {torch.cuda.device_count()} device(s): "
@@ -46,10 +37,10 @@ def info_lines() -> list[str]:
     lines = [
         f"moe-lbl            {__version__}",
         f"python             {platform.python_version()} ({sys.executable})",
-        f"torch              {_version('torch')}",
-        f"triton             {_version('triton')}",
-        f"megatron-core      {_version('megatron-core')}",
-        f"transformer-engine {_version('transformer-engine', 'transformer_engine')}",
+        f"torch              {installed_version('torch')}",
+        f"triton             {installed_version('triton')}",
+        f"megatron-core      {installed_version('megatron-core')}",
+        f"transformer-engine {installed_version('transformer-engine', 'transformer_engine')}",
         f"apex               {apex}",
         f"CUDA               {cuda}",
         f"patch supported    {supported}",
@@ -103,6 +94,7 @@ def main(argv=None) -> int:
     demo = commands.add_parser("demo", help="micro vs global balance on a mixed-domain corpus, on CPU")
     from moe_lbl.corpus import DOMAINS
     from moe_lbl.demo import DemoOptions
+    from moe_lbl.engine import SCOPES
 
     defaults = DemoOptions()
     demo.add_argument("--steps", type=int, default=defaults.steps)
@@ -116,7 +108,7 @@ def main(argv=None) -> int:
     demo.add_argument("--topk", type=int, default=defaults.topk)
     demo.add_argument("--coeff", type=float, default=defaults.coeff, help="load-balancing loss coefficient")
     demo.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
-    demo.add_argument("--scopes", nargs="+", default=list(defaults.scopes), choices=["micro", "global"])
+    demo.add_argument("--scopes", nargs="+", default=list(defaults.scopes), choices=SCOPES)
     demo.add_argument("--domains", nargs="+", default=list(DOMAINS),
                       help=f"corpus domains, from {', '.join(DOMAINS)}")
     demo.add_argument("--out", default=defaults.out, help="folder for the table, heatmaps and wandb runs")

@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from moe_lbl.corpus import DOMAINS, VOCAB_SIZE, build_corpus
-from moe_lbl.validation import check_options
+from moe_lbl.engine import SCOPES
+from moe_lbl.tables import format_table
+from moe_lbl.validation import check_known, check_options
 from moe_lbl.tiny_gpt import MicroBatch, TinyGPT, build_gpt, causal_mask, device, spawn, train_step, wrap_ddp
 
 
@@ -39,7 +41,7 @@ class DemoOptions:
     coeff: float = 0.1  # strong enough for balance to bind at this size (see the README)
     lr: float = 3e-3
     seeds: tuple = (0, 1, 2)
-    scopes: tuple = ("micro", "global")
+    scopes: tuple = SCOPES
     domains: tuple = DOMAINS
     eval_batches: int = 4
     out: str = "moe-lbl-demo"
@@ -50,12 +52,8 @@ class DemoOptions:
                               "hidden_size", "num_experts", "topk", "eval_batches"), self.ranks)
         if self.topk > self.num_experts:
             raise ValueError(f"topk ({self.topk}) must not exceed num_experts ({self.num_experts})")
-        for scope in self.scopes:
-            if scope not in ("micro", "global"):
-                raise ValueError(f"unknown scope {scope!r}: use 'micro' and/or 'global'")
-        unknown = [d for d in self.domains if d not in DOMAINS]
-        if unknown:
-            raise ValueError(f"unknown domains {unknown}: choose from {DOMAINS}")
+        check_known("scopes", self.scopes, SCOPES)
+        check_known("domains", self.domains, DOMAINS)
         if not self.seeds:
             raise ValueError("at least one seed is needed")
 
@@ -216,12 +214,9 @@ def paired_differences(results: list[RunResult]) -> str:
 
 def format_rows(rows: list[dict]) -> str:
     """Metrics down, scopes across: the table stays readable with many domains."""
-    keys = [k for k in rows[0] if k != "scope"]
-    width = max(len(k) for k in keys)
-    columns = [max(len(r["scope"]), *(len(str(r[k])) for k in keys)) for r in rows]
-    lines = [" " * width + "  " + "  ".join(r["scope"].rjust(c) for r, c in zip(rows, columns))]
-    lines += [k.ljust(width) + "  " + "  ".join(str(r[k]).rjust(c) for r, c in zip(rows, columns)) for k in keys]
-    return "\n".join(lines)
+    scopes = [r["scope"] for r in rows]
+    by_metric = [{"": key, **{r["scope"]: r[key] for r in rows}} for key in rows[0] if key != "scope"]
+    return format_table(by_metric, ["", *scopes], rule=False)
 
 
 def write_heatmaps(results: list[RunResult], options: DemoOptions) -> list[str]:

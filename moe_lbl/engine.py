@@ -31,6 +31,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
+from moe_lbl.validation import check_known
+
 SCOPES = ("micro", "global")
 
 SIGMOID_EPS = 1e-20  # Megatron's epsilon when it normalizes sigmoid scores to sum 1
@@ -81,8 +83,7 @@ class BalanceConfig:
     async_sync: bool = True
 
     def __post_init__(self):
-        if self.scope not in SCOPES:
-            raise ValueError(f"unknown scope {self.scope!r}: use one of {SCOPES}")
+        check_known("scope", self.scope, SCOPES)
         _check_coeff("coeff", self.coeff)
         _check_coeff("micro_coeff", self.micro_coeff)
         if self.scope == "micro" and self.micro_coeff > 0:

@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import torch
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from moe_lbl.engine import GLOBAL_LOSS_NAME, MICRO_LOSS_NAME, BalanceConfig, LoadBalancer
 
-SUPPORTED_MIN = (0, 12, 0)
-SUPPORTED_MAX = (0, 17, 0)  # exclusive
-SUPPORTED_RANGE = ">=0.12.0,<0.17.0"
+# The Megatron-Core releases the patch supports; pyproject.toml requires the same range (a test
+# keeps the two equal).
+SUPPORTED_MEGATRON = ">=0.12.0,<0.17.0"
 
 _FINALIZE_MODULE = "megatron.core.distributed.finalize_model_grads"
 _DDP_MODULE = "megatron.core.distributed.distributed_data_parallel"
@@ -81,13 +82,13 @@ def check_megatron_version(version: Optional[str] = None) -> str:
     version = megatron_core_version() if version is None else version
     if version is None:
         raise UnsupportedMegatronVersion(
-            f"megatron-core is not installed; moe-lbl's patch needs megatron-core{SUPPORTED_RANGE} "
+            f"megatron-core is not installed; moe-lbl's patch needs megatron-core{SUPPORTED_MEGATRON} "
             "(pip install 'megatron-core==0.16.1')"
         )
-    if not SUPPORTED_MIN <= Version(version).release[:3] < SUPPORTED_MAX:
+    if not SpecifierSet(SUPPORTED_MEGATRON).contains(Version(version).base_version):
         raise UnsupportedMegatronVersion(
             f"megatron-core {version} is not supported by moe-lbl's patch "
-            f"(supported: megatron-core{SUPPORTED_RANGE}); nothing was patched. "
+            f"(supported: megatron-core{SUPPORTED_MEGATRON}); nothing was patched. "
             "Install a supported version, e.g. pip install 'megatron-core==0.16.1'"
         )
     return version
@@ -140,7 +141,7 @@ def _patch_points(found: Optional[Features] = None) -> list[tuple[object, str, o
     else:
         raise UnsupportedMegatronVersion(
             f"megatron-core {found.version}: TopKRouter has neither _apply_aux_loss nor "
-            f"apply_load_balancing_loss; supported: megatron-core{SUPPORTED_RANGE}; nothing was patched")
+            f"apply_load_balancing_loss; supported: megatron-core{SUPPORTED_MEGATRON}; nothing was patched")
     if found.reset_model_temporary_tensors:
         finalize = importlib.import_module(_FINALIZE_MODULE)
         points.append((finalize, "reset_model_temporary_tensors", _reset_model_temporary_tensors))
