@@ -27,7 +27,7 @@ def info_lines() -> list[str]:
             else "not installed")
     try:
         supported = f"yes ({patch.check_megatron_version()})"
-        changes = ", ".join(patch.patch_points())
+        changes = ", ".join(patch.replaced_names())
     except patch.UnsupportedMegatronVersion as error:
         supported, changes = f"no: {error}", "nothing"
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"

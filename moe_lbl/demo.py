@@ -23,7 +23,7 @@ import torch
 from moe_lbl.corpus import DOMAINS, VOCAB_SIZE, build_corpus
 from moe_lbl.engine import SCOPES
 from moe_lbl.tables import format_table
-from moe_lbl.validation import check_known, check_options
+from moe_lbl.validation import check_known, check_options, check_topk
 from moe_lbl.tiny_gpt import MicroBatch, TinyGPT, build_gpt, causal_mask, device, spawn, train_step, wrap_ddp
 
 
@@ -50,8 +50,7 @@ class DemoOptions:
     def __post_init__(self):
         check_options(self, ("steps", "ranks", "micro_batches", "micro_batch_size", "seq_length", "layers",
                               "hidden_size", "num_experts", "topk", "eval_batches"), self.ranks)
-        if self.topk > self.num_experts:
-            raise ValueError(f"topk ({self.topk}) must not exceed num_experts ({self.num_experts})")
+        check_topk(self.topk, self.num_experts)
         check_known("scopes", self.scopes, SCOPES)
         check_known("domains", self.domains, DOMAINS)
         if not self.seeds:
@@ -136,13 +135,13 @@ def _train_rank(rank: int, world_size: int, options: DemoOptions, scope: str, se
         logged = {}
         track_moe_metrics(loss_scale=1.0 / options.micro_batches, iteration=step, total_loss_dict=logged,
                           num_layers=spec.num_layers)
-        balance = moe_lbl.balance_metrics(ddp)
+        layers = moe_lbl.balance_metrics(ddp)
         result.losses.append(loss)
         # Under moe_router_load_balancing_type="aux_loss" the main term of either scope is
         # logged as Megatron's load_balancing_loss (see patches.megatron.tracker_names).
         result.balancing_losses.append(float(logged["load_balancing_loss"]))
-        result.micro_max_vio.append(statistics.mean(b.micro_max_vio for b in balance))
-        result.global_max_vio.append(statistics.mean(b.global_max_vio for b in balance))
+        result.micro_max_vio.append(statistics.mean(b.micro_max_vio for b in layers))
+        result.global_max_vio.append(statistics.mean(b.global_max_vio for b in layers))
         if rank == 0:
             done = (step + 1) / options.steps
             print(f"\r  [{scope} seed {seed}] [{'#' * int(30 * done):<30}] {step + 1}/{options.steps} "

@@ -32,3 +32,9 @@ def check_options(options, positive: tuple, ranks: int) -> None:
     available = torch.cuda.device_count() if cuda else (os.cpu_count() or 1)
     if ranks > available:
         raise ValueError(f"ranks ({ranks}) must not exceed this machine's {available} {'GPUs' if cuda else 'cores'}")
+
+
+def check_topk(topk: int, num_experts: int) -> None:
+    """Each token chooses topk of num_experts experts."""
+    if topk > num_experts:
+        raise ValueError(f"topk ({topk}) must not exceed num_experts ({num_experts})")

@@ -59,7 +59,7 @@ def test_buffer_is_emptied_by_finalize_model_grads(megatron_world, megatron_feat
 
 def patched_objects():
     """Every attribute the patch replaces on this Megatron-Core, as it is now."""
-    return {(id(owner), name): owner.__dict__[name] for owner, name, _ in patch_module._patch_points()}
+    return {(id(owner), name): owner.__dict__[name] for owner, name, _ in patch_module.replacements()}
 
 
 def test_patch_unpatch_round_trip(megatron_world):

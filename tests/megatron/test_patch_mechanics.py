@@ -16,3 +16,21 @@ def test_pyproject_requires_the_supported_megatron_range():
         dependencies = tomllib.load(f)["project"]["dependencies"]
     megatron = [Requirement(d) for d in dependencies if Requirement(d).name == "megatron-core"]
     assert [r.specifier for r in megatron] == [SpecifierSet(patch_module.SUPPORTED_MEGATRON)]
+
+
+def test_each_replacement_wraps_its_original_and_says_what_it_replaces():
+    import moe_lbl
+
+    points = patch_module.replacements()
+    originals = {(id(owner), name): owner.__dict__[name] for owner, name, _ in points}
+    moe_lbl.patch_megatron(scope="global")
+    for owner, name, replacement in points:
+        installed = owner.__dict__[name]
+        assert installed is replacement
+        assert installed.__wrapped__ is originals[id(owner), name], name
+        assert f"Replaces {owner.__name__.rsplit('.', 1)[-1]}.{name}" in installed.__doc__, name
+    assert len(patch_module.replaced_names()) == len(points)
+    moe_lbl.unpatch_megatron()
+    for owner, name, replacement in points:
+        assert owner.__dict__[name] is originals[id(owner), name]
+        assert not hasattr(replacement, "__wrapped__"), name
