@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "throughput.csv"), rows, COLUMNS)
     print(f"{card()}; {versions()}; {options.ranks} ranks x {options.micro_batches} micro-batches x "
-          f"{options.micro_batch_size} x {options.seq_length} tokens, {options.repeats} repeats x {options.steps} steps")
+          f"{options.micro_batch_size} x {options.seq_length} tokens, "
+          f"{options.repeats} repeats x {options.steps} steps")
     print(format_table(rows, ["mode", "median_step_ms", "p20_step_ms", "p80_step_ms", "tokens_per_s",
                               "ratio_to_micro", "ratio_min", "ratio_max", "micro_max_vio", "global_max_vio"]))
     print(f"wrote {os.path.join(args.out, 'throughput.csv')}")

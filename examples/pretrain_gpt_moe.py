@@ -73,7 +73,8 @@ def main():
             loss = train_step(ddp, optimizer, next(batches))
             layers = moe_lbl.balance_metrics(ddp) if moe_lbl.is_patched() else []
             if rank == 0:
-                vio = f" max_vio micro {layers[0].micro_max_vio:.3f} global {layers[0].global_max_vio:.3f}" if layers else ""
+                vio = (f" max_vio micro {layers[0].micro_max_vio:.3f} global {layers[0].global_max_vio:.3f}"
+                       if layers else "")
                 print(f"step {step + 1} loss {loss:.4f}{vio}", flush=True)
         parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

@@ -76,7 +76,8 @@ class RoutingRecorder:
         rows = [{"domain": d, "max frequency": f"{maxima[d]:.4f}", "mean top-k score": f"{scores[d]:.4f}"}
                 for d in self.domains]
         lines = [format_table(rows, ["domain", "max frequency", "mean top-k score"], rule=False)]
-        lines.append(f"domain divergence (Jensen-Shannon, nats, mean over pairs and layers): {self.domain_divergence():.4f}")
+        lines.append("domain divergence (Jensen-Shannon, nats, mean over pairs and layers): "
+                     f"{self.domain_divergence():.4f}")
         return "\n".join(lines)
 
     @property

@@ -98,7 +98,8 @@ def build_corpus(seq_length: int = 64, sequences_per_domain: int = 2000, val_fra
     if not domains:
         raise ValueError("at least one domain is needed")
     if seq_length < 1 or sequences_per_domain < 2:
-        raise ValueError(f"seq_length must be >= 1 and sequences_per_domain >= 2, got {seq_length}, {sequences_per_domain}")
+        raise ValueError("seq_length must be >= 1 and sequences_per_domain >= 2, "
+                         f"got {seq_length}, {sequences_per_domain}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     window = seq_length + 1

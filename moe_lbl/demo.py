@@ -11,6 +11,7 @@ and wandb runs (offline unless wandb is configured) are written.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import statistics
@@ -23,8 +24,8 @@ import torch
 from moe_lbl.corpus import DOMAINS, VOCAB_SIZE, build_corpus
 from moe_lbl.engine import SCOPES
 from moe_lbl.tables import format_table
-from moe_lbl.validation import check_known, check_options, check_topk
 from moe_lbl.tiny_gpt import MicroBatch, TinyGPT, build_gpt, causal_mask, device, spawn, train_step, wrap_ddp
+from moe_lbl.validation import check_known, check_options, check_topk
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class RunResult:
     mean_topk_score: dict = field(default_factory=dict)
     divergence: float = 0.0
     frequency: dict = field(default_factory=dict)  # domain -> layer -> list[float]
+
+
+def missing_extras(options: DemoOptions) -> list[str]:
+    """The packages of the demo extra (heatmaps, wandb runs) that these options need and lack."""
+    needed = ["matplotlib"] + (["wandb"] if options.wandb else [])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
 def _spec(options: DemoOptions) -> TinyGPT:
@@ -229,7 +236,8 @@ def write_heatmaps(results: list[RunResult], options: DemoOptions) -> list[str]:
     os.makedirs(options.out, exist_ok=True)
     for result in [r for r in results if r.seed == options.seeds[0]]:
         layers = sorted({layer for d in result.frequency.values() for layer in d})
-        fig, axes = plt.subplots(1, len(layers), figsize=(4 + 0.35 * options.num_experts * len(layers), 3), squeeze=False)
+        fig, axes = plt.subplots(1, len(layers), figsize=(4 + 0.35 * options.num_experts * len(layers), 3),
+                                 squeeze=False)
         for ax, layer in zip(axes[0], layers):
             matrix = [result.frequency[d][layer] for d in options.domains]
             image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -252,7 +260,8 @@ def log_wandb(results: list[RunResult], options: DemoOptions) -> str:
     directory = os.path.abspath(options.out)
     for result in results:
         run = wandb.init(project="moe-lbl-demo", name=f"{result.scope}-seed{result.seed}", mode=mode, dir=directory,
-                         config={**asdict(options), "scope": result.scope, "seed": result.seed}, reinit="finish_previous")
+                         config={**asdict(options), "scope": result.scope, "seed": result.seed},
+                         reinit="finish_previous")
         for step, values in enumerate(zip(result.losses, result.balancing_losses, result.micro_max_vio,
                                           result.global_max_vio)):
             run.log(dict(zip(("loss", "balancing_loss", "max_vio_micro", "max_vio_global"), values)), step=step)

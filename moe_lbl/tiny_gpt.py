@@ -120,7 +120,8 @@ def wrap_ddp(model, config):
 
 def causal_mask(seq_length: int) -> torch.Tensor:
     # Passed explicitly: Megatron's default causal mask is built on "cuda".
-    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1).view(1, 1, seq_length, seq_length)
+    mask = torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1)
+    return mask.view(1, 1, seq_length, seq_length)
 
 
 @dataclass

@@ -325,7 +325,6 @@ def _apply_load_balancing_loss(self, activation, load_balancing_loss_func):
     functions (seq_aux_loss) go to Megatron's original.
     """
     from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
-
     from megatron.core.transformer.moe.router import TopKRouter
 
     if getattr(load_balancing_loss_func, "func", None) is not switch_load_balancing_loss_func:

@@ -42,7 +42,7 @@ def rank_worker(rank, world_size):
             out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores,
                                   topk_mask(logits.detach(), TOPK, padding).sum(0), int((~padding).sum()),
                                   lambda: 1.0 / NUM_MICRO_BATCHES,
-                                  lambda n, v: values.__setitem__(n, float(v)))
+                                  lambda n, v, values=values: values.__setitem__(n, float(v)))
             out.sum().backward()
             grads.append(logits.grad)
             logged.append(values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+
 def build_router(num_experts: int = 8, topk: int = 2, **overrides):
     """A training-mode TopKRouter (layer 1 of 1) on Megatron's default process groups."""
     from megatron.core.transformer.moe.router import TopKRouter

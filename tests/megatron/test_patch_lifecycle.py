@@ -99,7 +99,8 @@ def test_unsupported_version_patches_nothing(megatron_world, monkeypatch):
     moe_lbl.patch_megatron(scope="micro")
     before = patched_objects()
     monkeypatch.setattr(patch_module, "megatron_core_version", lambda: "0.11.0")
-    with pytest.raises(patch_module.UnsupportedMegatronVersion, match=r"megatron-core 0.11.0 is not supported.*" + re.escape(patch_module.SUPPORTED_MEGATRON)):
+    refused = r"megatron-core 0.11.0 is not supported.*" + re.escape(patch_module.SUPPORTED_MEGATRON)
+    with pytest.raises(patch_module.UnsupportedMegatronVersion, match=refused):
         moe_lbl.patch_megatron(scope="global")
     monkeypatch.setattr(patch_module, "megatron_core_version", lambda: None)
     with pytest.raises(patch_module.UnsupportedMegatronVersion, match="megatron-core is not installed"):
@@ -112,7 +113,7 @@ def test_a_patch_by_another_copy_of_the_module_is_refused(megatron_world):
     from megatron.core.transformer.moe.router import TopKRouter
 
     originals = patched_objects()
-    setattr(TopKRouter, "_moe_lbl_patch", "patched elsewhere")  # as a reloaded copy would leave it
+    TopKRouter._moe_lbl_patch = "patched elsewhere"  # as a reloaded copy would leave it
     try:
         with pytest.raises(RuntimeError, match="another copy of moe_lbl.patches.megatron"):
             moe_lbl.patch_megatron()

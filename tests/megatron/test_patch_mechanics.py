@@ -1,8 +1,8 @@
 """How the patch is put in place: the supported range it declares, its replacements and their originals."""
 
 import os
-import tomllib
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
