@@ -164,8 +164,10 @@ def train_step(ddp_model, optimizer, micro_batches: list[MicroBatch]) -> float:
     return float(total)  # the step's one host synchronization
 
 
-def _worker(fn, rank, world_size, init_file, out_dir, tensor_parallel, args):
+def _worker(fn, rank, world_size, init_file, out_dir, tensor_parallel, args, initializer):
     try:
+        if initializer is not None:
+            initializer()
         with distributed(rank, world_size, init_file, tensor_parallel):
             result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -175,20 +177,22 @@ def _worker(fn, rank, world_size, init_file, out_dir, tensor_parallel, args):
         raise
 
 
-def spawn(fn: Callable, world_size: int, *args, tensor_parallel: int = 1, timeout: float = 600) -> list:
+def spawn(fn: Callable, world_size: int, *args, tensor_parallel: int = 1, timeout: float = 600,
+          initializer: Optional[Callable[[], None]] = None) -> list:
     """Run fn(rank, world_size, *args) in `world_size` gloo ranks; return each rank's result.
 
     Megatron's parallel state is initialized with `tensor_parallel` (ranks 2t, 2t+1 share a
     tensor-parallel group when it is 2).
-    fn must be importable (a module-level function). A rank's exception is re-raised here with
-    its traceback.
+    fn (and `initializer`, run first in each rank, before Megatron is set up) must be importable
+    (module-level functions). A rank's exception is re-raised here with its traceback.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, out_dir, tensor_parallel, args))
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, out_dir, tensor_parallel, args,
+                                                          initializer))
                  for r in range(world_size)]
         for p in procs:
             p.start()
