@@ -1,10 +1,12 @@
-"""What every benchmark shares: timing, the bandwidth floor, the environment, CSV rows."""
+"""What every benchmark shares: timing, the bandwidth floor, the environment, CSV rows.
+
+Versions and tables are the package's own (moe_lbl.environment, moe_lbl.tables), named here too.
+"""
 
 from __future__ import annotations
 
 import csv
 import datetime
-import importlib.metadata
 import os
 import platform
 import statistics
@@ -13,16 +15,10 @@ from typing import Callable
 
 import torch
 
+from moe_lbl.environment import versions
+from moe_lbl.tables import format_table
 
-def versions() -> str:
-    names = ("torch", "triton", "megatron-core", "transformer-engine")
-    found = []
-    for name in names:
-        try:
-            found.append(f"{name}={importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return " ".join(found)
+__all__ = ["card", "copy_bandwidth_gbps", "format_table", "measure_ms", "timestamp", "versions", "write_csv"]
 
 
 def card() -> str:
@@ -71,11 +67,3 @@ def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({c: row.get(c, "") for c in columns})
-
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)

@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     if "eager" not in args.providers:
         args.providers.insert(0, "eager")  # the speedup column needs it
     config = {key: getattr(args, key) or value for key, value in PRESETS[args.preset].items()}
-    bad = [t for t in config["tokens"] if t < 1] + [e for e in config["experts"] if e < 1] + [k for k in config["topk"] if k < 1]
+    bad = [n for name in ("tokens", "experts", "topk") for n in config[name] if n < 1]
     if bad:
         parser.error(f"tokens, experts and topk must be >= 1, got {bad}")
     command = "python -m benchmarks.kernels " + " ".join(argv if argv is not None else sys.argv[1:])

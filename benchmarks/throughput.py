@@ -41,7 +41,7 @@ class Options:
     seq_length: int = 64
     hidden_size: int = 64
     layers: int = 2
-    experts: int = 8
+    num_experts: int = 8
     topk: int = 2
     coeff: float = 1e-2
     steps: int = 8
@@ -50,22 +50,19 @@ class Options:
     modes: tuple = tuple(MODES)
 
     def __post_init__(self):
-        from moe_lbl.testing.harness import check_options
+        from moe_lbl.validation import check_known, check_options, check_topk
 
         check_options(self, ("ranks", "micro_batches", "micro_batch_size", "seq_length", "hidden_size", "layers",
-                             "experts", "topk", "steps", "repeats"), self.ranks)
+                             "num_experts", "topk", "steps", "repeats"), self.ranks)
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        if self.topk > self.experts:
-            raise ValueError(f"topk ({self.topk}) must not exceed experts ({self.experts})")
-        unknown = [m for m in self.modes if m not in MODES]
-        if unknown:
-            raise ValueError(f"unknown modes {unknown}: choose from {list(MODES)}")
+        check_topk(self.topk, self.num_experts)
+        check_known("modes", self.modes, tuple(MODES))
 
 
 def _run_mode(rank: int, options: Options, mode: str):
     import moe_lbl
-    from moe_lbl.testing.harness import TinyGPT, build_gpt, synthetic_batches, train_step, wrap_ddp
+    from moe_lbl.tiny_gpt import TinyGPT, build_gpt, synthetic_batches, train_step, wrap_ddp
 
     moe_lbl.unpatch_megatron()
     settings = MODES[mode]
@@ -77,7 +74,7 @@ def _run_mode(rank: int, options: Options, mode: str):
         ratio = settings.pop("micro_coeff_ratio", 0.0)
         moe_lbl.patch_megatron(coeff=options.coeff, micro_coeff=ratio * options.coeff, **settings)
     spec = TinyGPT(num_layers=options.layers, hidden_size=options.hidden_size, num_attention_heads=4,
-                   num_experts=options.experts, topk=options.topk, moe_ffn_hidden_size=options.hidden_size,
+                   num_experts=options.num_experts, topk=options.topk, moe_ffn_hidden_size=options.hidden_size,
                    vocab_size=256, seq_length=options.seq_length, load_balancing_type=balancing_type,
                    aux_loss_coeff=options.coeff)
     model, config = build_gpt(spec, seed=0)
@@ -92,10 +89,10 @@ def _run_mode(rank: int, options: Options, mode: str):
         elapsed = time.perf_counter() - start
         if step >= options.warmup:
             times.append(elapsed * 1e3)
-            balance = moe_lbl.balance_metrics(ddp)  # outside the timed region: it is a collective
-            if balance:
-                micro_vio.append(statistics.mean(b.micro_max_vio for b in balance))
-                global_vio.append(statistics.mean(b.global_max_vio for b in balance))
+            layers = moe_lbl.balance_metrics(ddp)  # outside the timed region: it is a collective
+            if layers:
+                micro_vio.append(statistics.mean(b.micro_max_vio for b in layers))
+                global_vio.append(statistics.mean(b.global_max_vio for b in layers))
     moe_lbl.unpatch_megatron()
     return times, micro_vio, global_vio
 
@@ -141,8 +138,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Options()
     for name in ("ranks", "micro_batches", "micro_batch_size", "seq_length", "hidden_size", "layers",
-                 "experts", "topk", "steps", "warmup", "repeats"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+                 "num_experts", "topk", "steps", "warmup", "repeats"):
+        flag = "--experts" if name == "num_experts" else f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, dest=name, type=int, default=getattr(defaults, name))
     parser.add_argument("--coeff", type=float, default=defaults.coeff)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--out", default="benchmarks/results/throughput")
@@ -152,7 +150,7 @@ def main(argv=None) -> int:
         options = Options(**fields, modes=tuple(args.modes))
     except ValueError as error:
         parser.error(str(error))
-    from moe_lbl.testing.harness import spawn
+    from moe_lbl.tiny_gpt import spawn
 
     command = "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     results = spawn(_worker, options.ranks, options)[0]
@@ -160,7 +158,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "throughput.csv"), rows, COLUMNS)
     print(f"{card()}; {versions()}; {options.ranks} ranks x {options.micro_batches} micro-batches x "
-          f"{options.micro_batch_size} x {options.seq_length} tokens, {options.repeats} repeats x {options.steps} steps")
+          f"{options.micro_batch_size} x {options.seq_length} tokens, "
+          f"{options.repeats} repeats x {options.steps} steps")
     print(format_table(rows, ["mode", "median_step_ms", "p20_step_ms", "p80_step_ms", "tokens_per_s",
                               "ratio_to_micro", "ratio_min", "ratio_max", "micro_max_vio", "global_max_vio"]))
     print(f"wrote {os.path.join(args.out, 'throughput.csv')}")

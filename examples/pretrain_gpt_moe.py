@@ -33,7 +33,7 @@ def parse_args():
 
 def model_provider(args):
     """The model, as Megatron's pretrain_gpt builds it from a TransformerConfig and a layer spec."""
-    from moe_lbl.testing.harness import TinyGPT, build_gpt
+    from moe_lbl.tiny_gpt import TinyGPT, build_gpt
 
     spec = TinyGPT(num_experts=args.num_experts, topk=args.moe_router_topk, seq_length=args.seq_length,
                    load_balancing_type=args.moe_router_load_balancing_type, aux_loss_coeff=args.moe_aux_loss_coeff)
@@ -41,7 +41,7 @@ def model_provider(args):
 
 
 def data_iterator(args, spec, rank):
-    from moe_lbl.testing.harness import synthetic_batches
+    from moe_lbl.tiny_gpt import synthetic_batches
 
     step = 0
     while True:
@@ -54,8 +54,8 @@ def main():
     from megatron.core import parallel_state
 
     import moe_lbl
-    from moe_lbl.testing.cpu import cpu_shims
-    from moe_lbl.testing.harness import train_step, wrap_ddp
+    from moe_lbl.patches.cpu import cpu_shims
+    from moe_lbl.tiny_gpt import train_step, wrap_ddp
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -71,9 +71,10 @@ def main():
         print(f"rank {rank}: moe-lbl patched={moe_lbl.is_patched()}", flush=True)
         for step in range(args.steps):
             loss = train_step(ddp, optimizer, next(batches))
-            balance = moe_lbl.balance_metrics(ddp) if moe_lbl.is_patched() else []
+            layers = moe_lbl.balance_metrics(ddp) if moe_lbl.is_patched() else []
             if rank == 0:
-                vio = f" max_vio micro {balance[0].micro_max_vio:.3f} global {balance[0].global_max_vio:.3f}" if balance else ""
+                vio = (f" max_vio micro {layers[0].micro_max_vio:.3f} global {layers[0].global_max_vio:.3f}"
+                       if layers else "")
                 print(f"step {step + 1} loss {loss:.4f}{vio}", flush=True)
         parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

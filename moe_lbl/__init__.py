@@ -1,9 +1,9 @@
 """moe-lbl: global-batch load balancing for Mixture-of-Experts training (arXiv 2501.11873)."""
 
+from moe_lbl.analysis import RoutingRecorder, record_routing
 from moe_lbl.engine import BalanceConfig, LoadBalancer
-from moe_lbl.analysis import RoutingRecorder
 from moe_lbl.metrics import LayerBalance, max_violation, step_balance
-from moe_lbl.patches.megatron import is_patched, iter_balancers, patch_megatron, record_routing, unpatch_megatron
+from moe_lbl.patches.megatron import is_patched, iter_balancers, patch_megatron, unpatch_megatron
 
 __version__ = "0.1.0"
 

@@ -10,16 +10,21 @@ top-k choices and the sum of the chosen experts' scores. From those:
   all experts), which rises when routing is more confident;
 - domain divergence: the Jensen-Shannon divergence between two domains' expert distributions
   (frequencies / k), averaged over domain pairs and layers; 0 when all domains route alike.
-Framework-agnostic: moe_lbl.record_routing feeds it from Megatron-Core routers.
+The recorder itself is framework-agnostic; `record_routing` feeds it from the routers of any
+Megatron-Core MoE model, patched or not, through forward hooks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from typing import Optional
 
 import torch
+
+from moe_lbl.engine import balancing_scores
+from moe_lbl.tables import format_table
 
 
 class RoutingRecorder:
@@ -68,10 +73,11 @@ class RoutingRecorder:
     def report(self) -> str:
         """The specialization metrics as text."""
         maxima, scores = self.max_frequency(), self.mean_topk_score()
-        width = max(len(d) for d in self.domains)
-        lines = [f"{'domain'.ljust(width)}  max frequency  mean top-k score"]
-        lines += [f"{d.ljust(width)}  {maxima[d]:13.4f}  {scores[d]:16.4f}" for d in self.domains]
-        lines.append(f"domain divergence (Jensen-Shannon, nats, mean over pairs and layers): {self.domain_divergence():.4f}")
+        rows = [{"domain": d, "max frequency": f"{maxima[d]:.4f}", "mean top-k score": f"{scores[d]:.4f}"}
+                for d in self.domains]
+        lines = [format_table(rows, ["domain", "max frequency", "mean top-k score"], rule=False)]
+        lines.append("domain divergence (Jensen-Shannon, nats, mean over pairs and layers): "
+                     f"{self.domain_divergence():.4f}")
         return "\n".join(lines)
 
     @property
@@ -116,3 +122,35 @@ def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> float:
         return float((a[mask] * (a[mask] / b[mask]).log()).sum())
 
     return (kl(p, m) + kl(q, m)) / 2
+
+
+@contextlib.contextmanager
+def record_routing(model, recorder: Optional[RoutingRecorder] = None):
+    """Record every TopKRouter's expert choices, tagged by `recorder.domain`, while in the block.
+
+    Works on any Megatron-Core MoE model, patched or not. Meant for evaluation: each router's
+    scores are recomputed from its input (softmax over all experts, or normalized sigmoid), so
+    the summed top-k score can be measured whatever the routing options.
+    """
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    recorder = RoutingRecorder() if recorder is None else recorder
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+
+    def hook(router, args, kwargs, output):
+        with torch.no_grad():
+            logits = router.gating(args[0]).view(-1, router.config.num_moe_experts).float()
+            scores = balancing_scores(logits, router.score_function)
+            padding = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
+            valid = None if padding is None else ~padding.reshape(-1)
+            recorder.observe(router.layer_number, scores, output[1], valid)
+
+    handles = [module.register_forward_hook(hook, with_kwargs=True)
+               for chunk in chunks for module in chunk.modules() if isinstance(module, TopKRouter)]
+    if not handles:
+        raise ValueError("the model has no Megatron-Core TopKRouter to record")
+    try:
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -4,28 +4,18 @@ a training script with the patch applied."""
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
-import os
 import platform
 import sys
 
 MAIN_JOB = "bash scripts/setup.sh && .venv/bin/moe-lbl demo"
 
 
-def _version(*distributions: str) -> str:
-    for name in distributions:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "not installed"
-
-
 def info_lines() -> list[str]:
     import torch
 
     from moe_lbl import __version__
+    from moe_lbl.environment import installed_version
     from moe_lbl.patches import megatron as patch
 
     cuda = (f"{torch.version.cuda}, {torch.cuda.device_count()} device(s): "
@@ -36,20 +26,22 @@ def info_lines() -> list[str]:
             else "not installed")
     try:
         supported = f"yes ({patch.check_megatron_version()})"
-        changes = ", ".join(patch.patch_points())
+        changes = ", ".join(patch.replaced_names())
     except patch.UnsupportedMegatronVersion as error:
         supported, changes = f"no: {error}", "nothing"
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    kernels = ("compiled for CUDA (patch_megatron(kernels='auto') uses them on CUDA logits)" if torch.cuda.is_available()
-               else "Triton CPU interpreter (TRITON_INTERPRET=1): kernels=True runs them, slowly" if interpreting
+    from moe_lbl.kernels import interpreting
+
+    kernels = ("compiled for CUDA (patch_megatron(kernels='auto') uses them on CUDA logits)"
+               if torch.cuda.is_available()
+               else "Triton CPU interpreter (TRITON_INTERPRET=1): kernels=True runs them, slowly" if interpreting()
                else "unavailable here (no CUDA); the patch uses Megatron's PyTorch routing")
     lines = [
         f"moe-lbl            {__version__}",
         f"python             {platform.python_version()} ({sys.executable})",
-        f"torch              {_version('torch')}",
-        f"triton             {_version('triton')}",
-        f"megatron-core      {_version('megatron-core')}",
-        f"transformer-engine {_version('transformer-engine', 'transformer_engine')}",
+        f"torch              {installed_version('torch')}",
+        f"triton             {installed_version('triton')}",
+        f"megatron-core      {installed_version('megatron-core')}",
+        f"transformer-engine {installed_version('transformer-engine', 'transformer_engine')}",
         f"apex               {apex}",
         f"CUDA               {cuda}",
         f"patch supported    {supported}",
@@ -61,7 +53,8 @@ def info_lines() -> list[str]:
 
 
 def _demo(args) -> int:
-    from moe_lbl.demo import DemoOptions, main as demo
+    from moe_lbl.demo import DemoOptions, missing_extras
+    from moe_lbl.demo import main as demo
 
     try:
         options = DemoOptions(steps=args.steps, ranks=args.ranks, micro_batches=args.micro_batches,
@@ -71,6 +64,11 @@ def _demo(args) -> int:
                               out=args.out, wandb=not args.no_wandb)
     except ValueError as error:
         print(f"moe-lbl demo: {error}", file=sys.stderr)
+        return 2
+    missing = missing_extras(options)
+    if missing:
+        print(f"moe-lbl demo: {' and '.join(missing)} not installed: pip install 'moe-lbl[demo]' "
+              "(bash scripts/setup.sh installs it)", file=sys.stderr)
         return 2
     return demo(options)
 
@@ -98,30 +96,34 @@ def main(argv=None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="moe-lbl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="run a training script with the patch applied: moe-lbl run [options] -- SCRIPT.py [args]")
+    commands.add_parser("run", help="run a training script with the patch applied: "
+                                    "moe-lbl run [options] -- SCRIPT.py [args]")
     commands.add_parser("info", help="versions, CUDA and patch support, for bug reports")
     demo = commands.add_parser("demo", help="micro vs global balance on a mixed-domain corpus, on CPU")
     from moe_lbl.corpus import DOMAINS
     from moe_lbl.demo import DemoOptions
+    from moe_lbl.engine import SCOPES
 
     defaults = DemoOptions()
     demo.add_argument("--steps", type=int, default=defaults.steps)
     demo.add_argument("--ranks", type=int, default=defaults.ranks, help="data-parallel gloo ranks")
     demo.add_argument("--micro-batches", type=int, default=defaults.micro_batches,
                       help="gradient-accumulation micro-batches per step")
-    demo.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size, help="sequences per micro-batch")
+    demo.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size,
+                      help="sequences per micro-batch")
     demo.add_argument("--seq-length", type=int, default=defaults.seq_length, help="bytes per sequence")
     demo.add_argument("--layers", type=int, default=defaults.layers)
     demo.add_argument("--experts", type=int, default=defaults.num_experts)
     demo.add_argument("--topk", type=int, default=defaults.topk)
     demo.add_argument("--coeff", type=float, default=defaults.coeff, help="load-balancing loss coefficient")
     demo.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
-    demo.add_argument("--scopes", nargs="+", default=list(defaults.scopes), choices=["micro", "global"])
+    demo.add_argument("--scopes", nargs="+", default=list(defaults.scopes), choices=SCOPES)
     demo.add_argument("--domains", nargs="+", default=list(DOMAINS),
                       help=f"corpus domains, from {', '.join(DOMAINS)}")
     demo.add_argument("--out", default=defaults.out, help="folder for the table, heatmaps and wandb runs")
     demo.add_argument("--no-wandb", action="store_true", help="do not write wandb runs")
-    analyze = commands.add_parser("analyze", help="specialization metrics of routing records (moe-lbl demo writes them)")
+    analyze = commands.add_parser("analyze",
+                                  help="specialization metrics of routing records (moe-lbl demo writes them)")
     analyze.add_argument("records", nargs="+", help="routing_*.json files written by RoutingRecorder.save")
     args = parser.parse_args(argv)
     if args.command == "analyze":

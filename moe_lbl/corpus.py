@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_lbl.validation import check_known
+
 DOMAINS = ("code", "english", "arithmetic", "data")
 VOCAB_SIZE = 256  # bytes
 
@@ -92,13 +94,12 @@ class Corpus:
 def build_corpus(seq_length: int = 64, sequences_per_domain: int = 2000, val_fraction: float = 0.1,
                  seed: int = 0, domains: tuple = DOMAINS) -> Corpus:
     """The corpus: `sequences_per_domain` windows per domain (fewer if a text runs out)."""
-    unknown = [d for d in domains if d not in DOMAINS]
-    if unknown:
-        raise ValueError(f"unknown domains {unknown}: choose from {DOMAINS}")
+    check_known("domains", domains, DOMAINS)
     if not domains:
         raise ValueError("at least one domain is needed")
     if seq_length < 1 or sequences_per_domain < 2:
-        raise ValueError(f"seq_length must be >= 1 and sequences_per_domain >= 2, got {seq_length}, {sequences_per_domain}")
+        raise ValueError("seq_length must be >= 1 and sequences_per_domain >= 2, "
+                         f"got {seq_length}, {sequences_per_domain}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     window = seq_length + 1

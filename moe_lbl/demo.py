@@ -11,18 +11,23 @@ and wandb runs (offline unless wandb is configured) are written.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import re
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from moe_lbl.corpus import DOMAINS, VOCAB_SIZE, build_corpus
-from moe_lbl.testing.harness import (MicroBatch, TinyGPT, build_gpt, causal_mask, check_options, device, spawn,
-                                     train_step, wrap_ddp)
+from moe_lbl.engine import SCOPES
+from moe_lbl.tables import format_table
+from moe_lbl.tiny_gpt import MicroBatch, TinyGPT, build_gpt, causal_mask, device, spawn, train_step, wrap_ddp
+from moe_lbl.validation import check_known, check_options, check_topk
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ class DemoOptions:
     coeff: float = 0.1  # strong enough for balance to bind at this size (see the README)
     lr: float = 3e-3
     seeds: tuple = (0, 1, 2)
-    scopes: tuple = ("micro", "global")
+    scopes: tuple = SCOPES
     domains: tuple = DOMAINS
     eval_batches: int = 4
     out: str = "moe-lbl-demo"
@@ -48,14 +53,9 @@ class DemoOptions:
     def __post_init__(self):
         check_options(self, ("steps", "ranks", "micro_batches", "micro_batch_size", "seq_length", "layers",
                               "hidden_size", "num_experts", "topk", "eval_batches"), self.ranks)
-        if self.topk > self.num_experts:
-            raise ValueError(f"topk ({self.topk}) must not exceed num_experts ({self.num_experts})")
-        for scope in self.scopes:
-            if scope not in ("micro", "global"):
-                raise ValueError(f"unknown scope {scope!r}: use 'micro' and/or 'global'")
-        unknown = [d for d in self.domains if d not in DOMAINS]
-        if unknown:
-            raise ValueError(f"unknown domains {unknown}: choose from {DOMAINS}")
+        check_topk(self.topk, self.num_experts)
+        check_known("scopes", self.scopes, SCOPES)
+        check_known("domains", self.domains, DOMAINS)
         if not self.seeds:
             raise ValueError("at least one seed is needed")
 
@@ -74,6 +74,28 @@ class RunResult:
     mean_topk_score: dict = field(default_factory=dict)
     divergence: float = 0.0
     frequency: dict = field(default_factory=dict)  # domain -> layer -> list[float]
+
+
+# What Megatron-Core says about this machine and the demo's own configuration, on every rank and
+# run: CPU training without Apex or TransformerEngine is how the demo runs, and TransformerConfig's
+# default CUDA-graph scope is unused here. Other warnings are shown.
+KNOWN_WARNINGS = (
+    "Apex is not installed",
+    "Transformer Engine and Apex are not installed",
+    "full scope is deprecated",
+)
+
+
+def silence_known_warnings() -> None:
+    """Hide KNOWN_WARNINGS in this process (each rank calls it first)."""
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
+
+
+def missing_extras(options: DemoOptions) -> list[str]:
+    """The packages of the demo extra (heatmaps, wandb runs) that these options need and lack."""
+    needed = ["matplotlib"] + (["wandb"] if options.wandb else [])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
 def _spec(options: DemoOptions) -> TinyGPT:
@@ -138,13 +160,13 @@ def _train_rank(rank: int, world_size: int, options: DemoOptions, scope: str, se
         logged = {}
         track_moe_metrics(loss_scale=1.0 / options.micro_batches, iteration=step, total_loss_dict=logged,
                           num_layers=spec.num_layers)
-        balance = moe_lbl.balance_metrics(ddp)
+        layers = moe_lbl.balance_metrics(ddp)
         result.losses.append(loss)
         # Under moe_router_load_balancing_type="aux_loss" the main term of either scope is
         # logged as Megatron's load_balancing_loss (see patches.megatron.tracker_names).
         result.balancing_losses.append(float(logged["load_balancing_loss"]))
-        result.micro_max_vio.append(statistics.mean(b.micro_max_vio for b in balance))
-        result.global_max_vio.append(statistics.mean(b.global_max_vio for b in balance))
+        result.micro_max_vio.append(statistics.mean(b.micro_max_vio for b in layers))
+        result.global_max_vio.append(statistics.mean(b.global_max_vio for b in layers))
         if rank == 0:
             done = (step + 1) / options.steps
             print(f"\r  [{scope} seed {seed}] [{'#' * int(30 * done):<30}] {step + 1}/{options.steps} "
@@ -163,7 +185,8 @@ def run(options: DemoOptions) -> list[RunResult]:
             print(f"training scope={scope} seed={seed}: {options.ranks} ranks x {options.micro_batches} "
                   f"micro-batches x {options.micro_batch_size} sequences of {options.seq_length} bytes, "
                   f"{options.steps} steps", flush=True)
-            results.append(spawn(_train_rank, options.ranks, options, scope, seed)[0])
+            results.append(spawn(_train_rank, options.ranks, options, scope, seed,
+                                 initializer=silence_known_warnings)[0])
     return results
 
 
@@ -216,12 +239,9 @@ def paired_differences(results: list[RunResult]) -> str:
 
 def format_rows(rows: list[dict]) -> str:
     """Metrics down, scopes across: the table stays readable with many domains."""
-    keys = [k for k in rows[0] if k != "scope"]
-    width = max(len(k) for k in keys)
-    columns = [max(len(r["scope"]), *(len(str(r[k])) for k in keys)) for r in rows]
-    lines = [" " * width + "  " + "  ".join(r["scope"].rjust(c) for r, c in zip(rows, columns))]
-    lines += [k.ljust(width) + "  " + "  ".join(str(r[k]).rjust(c) for r, c in zip(rows, columns)) for k in keys]
-    return "\n".join(lines)
+    scopes = [r["scope"] for r in rows]
+    by_metric = [{"": key, **{r["scope"]: r[key] for r in rows}} for key in rows[0] if key != "scope"]
+    return format_table(by_metric, ["", *scopes], rule=False)
 
 
 def write_heatmaps(results: list[RunResult], options: DemoOptions) -> list[str]:
@@ -235,7 +255,8 @@ def write_heatmaps(results: list[RunResult], options: DemoOptions) -> list[str]:
     os.makedirs(options.out, exist_ok=True)
     for result in [r for r in results if r.seed == options.seeds[0]]:
         layers = sorted({layer for d in result.frequency.values() for layer in d})
-        fig, axes = plt.subplots(1, len(layers), figsize=(4 + 0.35 * options.num_experts * len(layers), 3), squeeze=False)
+        fig, axes = plt.subplots(1, len(layers), figsize=(4 + 0.35 * options.num_experts * len(layers), 3),
+                                 squeeze=False)
         for ax, layer in zip(axes[0], layers):
             matrix = [result.frequency[d][layer] for d in options.domains]
             image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -258,7 +279,8 @@ def log_wandb(results: list[RunResult], options: DemoOptions) -> str:
     directory = os.path.abspath(options.out)
     for result in results:
         run = wandb.init(project="moe-lbl-demo", name=f"{result.scope}-seed{result.seed}", mode=mode, dir=directory,
-                         config={**asdict(options), "scope": result.scope, "seed": result.seed}, reinit="finish_previous")
+                         config={**asdict(options), "scope": result.scope, "seed": result.seed},
+                         reinit="finish_previous")
         for step, values in enumerate(zip(result.losses, result.balancing_losses, result.micro_max_vio,
                                           result.global_max_vio)):
             run.log(dict(zip(("loss", "balancing_loss", "max_vio_micro", "max_vio_global"), values)), step=step)

@@ -19,6 +19,25 @@ the layers' counts of one micro-batch travel in one collective.
 
 Nothing here knows Megatron: the caller passes process groups, a loss-scale callable and a
 reporting callable.
+
+Naming convention (one meaning per word, in the code, the docs and the tests):
+- logits: the router's output for each token, [T, N_E].
+- scores: the balancing scores s_t, [T, N_E] (`balancing_scores`): softmax over all experts, or
+  sigmoid scores normalized to sum 1. P is their mean over a micro-batch's valid tokens.
+- probs: the routing probabilities the router returns, [T, N_E], zero outside each token's
+  selection. The engine passes them through unchanged and sends the loss gradient to `scores`.
+- routing_map: [T, N_E] bool, the experts each token is dispatched to.
+- counts: c, [N_E], the valid tokens whose top-k of the scores includes each expert; f is made
+  of counts. score_sum: [N_E], the scores summed over the valid tokens (T * P).
+- valid_tokens: T, the tokens that are not padding.
+- load: the tokens dispatched to each expert (from routing_map), for the balance metrics; it
+  differs from counts where routing selects by other scores (expert bias, groups).
+- coeff: the weight of one loss term; a term is one (name, coeff, pooled) of
+  BalanceConfig.terms(); scope: "micro" or "global" (SCOPES), where f is pooled.
+- gradient: d loss / d s, [N_E], the same for every valid token of a micro-batch.
+- BalanceConfig is a balance config, LoadBalancer a balancer (one per MoE layer), and
+  metrics.LayerBalance one layer's balance over a step.
+- weights: only the kernels' routing weights, [T, k], the probs of the chosen experts.
 """
 
 from __future__ import annotations
@@ -31,11 +50,27 @@ from typing import Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
+from moe_lbl.validation import check_known
+
 SCOPES = ("micro", "global")
+
+SIGMOID_EPS = 1e-20  # Megatron's epsilon when it normalizes sigmoid scores to sum 1
 
 # Names under which the loss values are reported; Megatron's training log knows these two.
 MICRO_LOSS_NAME = "load_balancing_loss"
 GLOBAL_LOSS_NAME = "global_load_balancing_loss"
+
+
+def balancing_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
+    """s_t of every token, [T, N_E]: softmax over all experts, or sigmoid scores normalized to sum 1.
+
+    What Megatron-Core's compute_routing_scores_for_aux_loss computes (0.14 and newer; older
+    versions compute the same inside their routing), in the dtype of `logits`.
+    """
+    if score_function == "softmax":
+        return torch.softmax(logits, dim=-1)
+    scores = torch.sigmoid(logits)
+    return scores / (scores.sum(dim=-1, keepdim=True) + SIGMOID_EPS)
 
 
 def _check_coeff(name: str, value) -> None:
@@ -67,8 +102,7 @@ class BalanceConfig:
     async_sync: bool = True
 
     def __post_init__(self):
-        if self.scope not in SCOPES:
-            raise ValueError(f"unknown scope {self.scope!r}: use one of {SCOPES}")
+        check_known("scope", self.scope, SCOPES)
         _check_coeff("coeff", self.coeff)
         _check_coeff("micro_coeff", self.micro_coeff)
         if self.scope == "micro" and self.micro_coeff > 0:
@@ -101,6 +135,7 @@ class _PendingSum:
     """
 
     def __init__(self, owner: int, local: torch.Tensor, group, async_op: bool):
+        self.local = local  # this rank's vector
         self._bucket = None
         self._value = local
         self._work = None
@@ -111,6 +146,10 @@ class _PendingSum:
             else:
                 self._value = local.clone()
                 dist.all_reduce(self._value, group=group)
+
+    def launched(self, value: torch.Tensor, work) -> None:
+        """The bucket's collective `work` will leave the sum in `value` (a view of its buffer)."""
+        self._value, self._work = value, work
 
     def get(self) -> torch.Tensor:
         if self._bucket is not None:
@@ -149,12 +188,12 @@ class _CountBucket:
         if not self.pending:
             return
         entries = [e for _, e in self.pending]
-        packed = torch.cat([e._value for e in entries])
+        packed = torch.cat([e.local for e in entries])
         work = dist.all_reduce(packed, group=self.group, async_op=True)
         offset = 0
         for entry in entries:
-            size = entry._value.numel()
-            entry._value, entry._work = packed[offset:offset + size], work
+            size = entry.local.numel()
+            entry.launched(packed[offset:offset + size], work)
             offset += size
         self.expected = [o for o, _ in self.pending]
         self.pending = []
@@ -190,8 +229,8 @@ class BalanceHandle:
 
         Waits for the counts if they are still in flight and reports the values the first time.
         """
-        weights = self.balancer.score_weights(self)
-        return (weights.float() * self.grad_scale()).float()
+        gradient = self.balancer.score_gradient(self)
+        return (gradient.float() * self.grad_scale()).float()
 
 
 class LoadBalancer:
@@ -311,22 +350,22 @@ class LoadBalancer:
             prefix.append(vector)
         return prefix[handle.index]
 
-    def score_weights(self, handle: BalanceHandle) -> torch.Tensor:
+    def score_gradient(self, handle: BalanceHandle) -> torch.Tensor:
         """d loss / d s_t,i for every valid local token (the same for all tokens), unscaled.
 
         Also reports each term's value divided by its coefficient, the first time.
         """
         sequence = handle.sequence.get()
         scale = self.num_experts / sequence[-1].clamp(min=1).double()  # N_E / T over the sequence group
-        weights = torch.zeros(self.num_experts, dtype=torch.float64, device=sequence.device)
+        gradient = torch.zeros(self.num_experts, dtype=torch.float64, device=sequence.device)
         for name, coeff, pooled in self._terms:
             totals = self._pooled(handle) if pooled else sequence
             f = totals[:-1].double() / (self.topk * totals[-1].clamp(min=1).double())
-            weights += (coeff * scale) * f
+            gradient += (coeff * scale) * f
             if handle.report is not None and not handle.reported:
                 handle.report(name, (scale * (f * handle.score_sum.double()).sum()).float())
         handle.reported = True
-        return weights
+        return gradient
 
 
 class _AttachLoss(torch.autograd.Function):

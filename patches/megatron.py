@@ -14,12 +14,12 @@ What it changes (and restores on unpatch), by what the installed Megatron-Core h
   type is configured: finalize_model_grads.reset_model_temporary_tensors (0.15+), or
   DistributedDataParallel.finish_grad_sync (0.12 to 0.14), both called by finalize_model_grads.
 Methods are patched on the class (router.py imports moe_utils' functions by name, so patching
-moe_utils would change nothing), guarded by a sentinel attribute.
+moe_utils would change nothing), guarded by a sentinel attribute. While patched, each replacement's
+`__wrapped__` is the original it replaced, and its docstring says what it replaces and why.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.metadata
 import warnings
@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
 import torch
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from moe_lbl.engine import GLOBAL_LOSS_NAME, MICRO_LOSS_NAME, BalanceConfig, LoadBalancer
 
-SUPPORTED_MIN = (0, 12, 0)
-SUPPORTED_MAX = (0, 17, 0)  # exclusive
-SUPPORTED_RANGE = ">=0.12.0,<0.17.0"
+# The Megatron-Core releases the patch supports; pyproject.toml requires the same range (a test
+# keeps the two equal).
+SUPPORTED_MEGATRON = ">=0.12.0,<0.17.0"
 
 _FINALIZE_MODULE = "megatron.core.distributed.finalize_model_grads"
 _DDP_MODULE = "megatron.core.distributed.distributed_data_parallel"
@@ -83,13 +84,13 @@ def check_megatron_version(version: Optional[str] = None) -> str:
     version = megatron_core_version() if version is None else version
     if version is None:
         raise UnsupportedMegatronVersion(
-            f"megatron-core is not installed; moe-lbl's patch needs megatron-core{SUPPORTED_RANGE} "
+            f"megatron-core is not installed; moe-lbl's patch needs megatron-core{SUPPORTED_MEGATRON} "
             "(pip install 'megatron-core==0.16.1')"
         )
-    if not SUPPORTED_MIN <= Version(version).release[:3] < SUPPORTED_MAX:
+    if not SpecifierSet(SUPPORTED_MEGATRON).contains(Version(version).base_version):
         raise UnsupportedMegatronVersion(
             f"megatron-core {version} is not supported by moe-lbl's patch "
-            f"(supported: megatron-core{SUPPORTED_RANGE}); nothing was patched. "
+            f"(supported: megatron-core{SUPPORTED_MEGATRON}); nothing was patched. "
             "Install a supported version, e.g. pip install 'megatron-core==0.16.1'"
         )
     return version
@@ -126,7 +127,7 @@ def features() -> Features:
     )
 
 
-def _patch_points(found: Optional[Features] = None) -> list[tuple[object, str, object]]:
+def replacements(found: Optional[Features] = None) -> list[tuple[object, str, object]]:
     """(owner, attribute, replacement) for the installed Megatron-Core."""
     from megatron.core.transformer.moe.router import TopKRouter
 
@@ -142,7 +143,7 @@ def _patch_points(found: Optional[Features] = None) -> list[tuple[object, str, o
     else:
         raise UnsupportedMegatronVersion(
             f"megatron-core {found.version}: TopKRouter has neither _apply_aux_loss nor "
-            f"apply_load_balancing_loss; supported: megatron-core{SUPPORTED_RANGE}; nothing was patched")
+            f"apply_load_balancing_loss; supported: megatron-core{SUPPORTED_MEGATRON}; nothing was patched")
     if found.reset_model_temporary_tensors:
         finalize = importlib.import_module(_FINALIZE_MODULE)
         points.append((finalize, "reset_model_temporary_tensors", _reset_model_temporary_tensors))
@@ -183,28 +184,28 @@ def resolve_balance_config(config, options: PatchOptions) -> BalanceConfig:
                 "moe_router_load_balancing_type asks for 'global_aux_loss' but patch_megatron was "
                 "given scope='micro': use scope='global', or drop 'global_aux_loss' from the config"
             )
-        balance = BalanceConfig("micro", aux if options.coeff is None else options.coeff,
+        balance_config = BalanceConfig("micro", aux if options.coeff is None else options.coeff,
                                 0.0, options.buffer, options.async_sync)
     else:
         main = global_aux if global_aux > 0 else aux
         micro = aux if global_aux > 0 else 0.0
-        balance = BalanceConfig(
+        balance_config = BalanceConfig(
             "global",
             main if options.coeff is None else options.coeff,
             options.micro_coeff if options.micro_coeff > 0 else micro,
             options.buffer,
             options.async_sync,
         )
-    if "sinkhorn" in types and (balance.scope == "global" or balance.terms()):
+    if "sinkhorn" in types and (balance_config.scope == "global" or balance_config.terms()):
         raise ValueError(
             "sinkhorn routing balances tokens by itself and takes no load-balancing loss; "
-            f"moe-lbl cannot apply scope={balance.scope!r} to it: use "
+            f"moe-lbl cannot apply scope={balance_config.scope!r} to it: use "
             "moe_router_load_balancing_type='aux_loss' (or 'global_aux_loss'), or unpatch_megatron()"
         )
-    return balance
+    return balance_config
 
 
-def tracker_names(config, balance: BalanceConfig) -> dict[str, str]:
+def tracker_names(config, balance_config: BalanceConfig) -> dict[str, str]:
     """Megatron tracker name for each engine term.
 
     Megatron's training log reduces across ranks (and, in newer versions, reports) only the names
@@ -212,7 +213,7 @@ def tracker_names(config, balance: BalanceConfig) -> dict[str, str]:
     global_load_balancing_loss. The main term takes the name of the type it stands for; a hybrid
     micro term with no type of its own is logged as micro_load_balancing_loss.
     """
-    if balance.scope == "micro":
+    if balance_config.scope == "micro":
         return {MICRO_LOSS_NAME: "load_balancing_loss"}
     if _balancing_types(config).get("global_aux_loss", 0.0) > 0:
         return {GLOBAL_LOSS_NAME: "global_load_balancing_loss", MICRO_LOSS_NAME: "load_balancing_loss"}
@@ -310,6 +311,9 @@ def _register_callbacks(router, valid_tokens):
 
 
 def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
+    """Replaces TopKRouter._apply_aux_loss (0.14+): the micro-batch aux loss becomes the engine's
+    micro, global or hybrid loss, its gradient attached to the aux-loss scores.
+    """
     balancer = balancer_of(self)
     if not balancer.enabled:
         return probs
@@ -319,9 +323,11 @@ def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_
 
 
 def _apply_load_balancing_loss(self, activation, load_balancing_loss_func):
-    """Megatron-Core 0.12 and 0.13: the aux loss arrives as a partial of its loss function."""
+    """Replaces TopKRouter.apply_load_balancing_loss (0.12, 0.13): as _apply_aux_loss, for the
+    versions whose aux loss arrives as a partial of switch_load_balancing_loss_func. Other loss
+    functions (seq_aux_loss) go to Megatron's original.
+    """
     from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
-
     from megatron.core.transformer.moe.router import TopKRouter
 
     if getattr(load_balancing_loss_func, "func", None) is not switch_load_balancing_loss_func:
@@ -336,10 +342,16 @@ def _apply_load_balancing_loss(self, activation, load_balancing_loss_func):
 
 
 def _apply_global_aux_loss(self, probs, *args, **kwargs):
+    """Replaces TopKRouter._apply_global_aux_loss (0.15+) with nothing: the engine's global term
+    takes its place (Megatron's has the gradient and normalization bugs #3672 and #7213).
+    """
     return probs
 
 
 def _is_aux_loss_enabled(self) -> bool:
+    """Replaces TopKRouter.is_aux_loss_enabled (0.14+): true when the engine has a term or
+    seq_aux_loss is set, so that Megatron computes the aux-loss scores the engine needs.
+    """
     return balancer_of(self).enabled or self.get_aux_loss_coeff("seq_aux_loss") > 0
 
 
@@ -498,6 +510,9 @@ def _dispatched(routing_map, padding_mask):
 
 
 def _routing(self, logits, padding_mask=None):
+    """Replaces TopKRouter.routing: runs the fused kernels when they are on, else Megatron's
+    routing; records each training micro-batch's dispatched tokens for the balance metrics.
+    """
     from megatron.core.transformer.moe.router import TopKRouter
 
     if _kernels_on(self, logits, padding_mask):
@@ -520,6 +535,9 @@ def _end_steps(module) -> None:
 
 
 def _reset_model_temporary_tensors(config, model):
+    """Replaces finalize_model_grads.reset_model_temporary_tensors (0.15+): after Megatron's own
+    reset, closes every engine's step (empties the count buffer), whatever the balancing type.
+    """
     finalize = importlib.import_module(_FINALIZE_MODULE)
     _patch.original(finalize, "reset_model_temporary_tensors")(config, model)
     for chunk in model:
@@ -527,6 +545,9 @@ def _reset_model_temporary_tensors(config, model):
 
 
 def _finish_grad_sync(self, *args, **kwargs):
+    """Replaces DistributedDataParallel.finish_grad_sync (0.12 to 0.14, which have no
+    reset_model_temporary_tensors): after the gradient sync, closes every engine's step.
+    """
     ddp = importlib.import_module(_DDP_MODULE).DistributedDataParallel
     result = _patch.original(ddp, "finish_grad_sync")(self, *args, **kwargs)
     _end_steps(self)
@@ -541,44 +562,6 @@ def iter_balancers(model) -> Iterator[tuple[int, LoadBalancer]]:
             balancer = getattr(module, _BALANCER, None)
             if balancer is not None:
                 yield module.layer_number, balancer
-
-
-@contextlib.contextmanager
-def record_routing(model, recorder: Optional["RoutingRecorder"] = None):
-    """Record every TopKRouter's expert choices, tagged by `recorder.domain`, while in the block.
-
-    Works on any Megatron-Core MoE model, patched or not. Meant for evaluation: each router's
-    scores are recomputed from its input (softmax over all experts, or normalized sigmoid), so
-    the summed top-k score can be measured whatever the routing options.
-    """
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    from moe_lbl.analysis import RoutingRecorder
-
-    recorder = RoutingRecorder() if recorder is None else recorder
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-
-    def hook(router, args, kwargs, output):
-        with torch.no_grad():
-            logits = router.gating(args[0]).view(-1, router.config.num_moe_experts).float()
-            if router.score_function == "softmax":
-                scores = torch.softmax(logits, dim=-1)
-            else:
-                scores = torch.sigmoid(logits)
-                scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
-            padding = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
-            valid = None if padding is None else ~padding.reshape(-1)
-            recorder.observe(router.layer_number, scores, output[1], valid)
-
-    handles = [module.register_forward_hook(hook, with_kwargs=True)
-               for chunk in chunks for module in chunk.modules() if isinstance(module, TopKRouter)]
-    if not handles:
-        raise ValueError("the model has no Megatron-Core TopKRouter to record")
-    try:
-        yield recorder
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def patch_megatron(scope: str = "global", coeff: Optional[float] = None, micro_coeff: float = 0.0,
@@ -607,11 +590,12 @@ def patch_megatron(scope: str = "global", coeff: Optional[float] = None, micro_c
             "TopKRouter is already patched by another copy of moe_lbl.patches.megatron (a reloaded or "
             "second import); call that copy's unpatch_megatron() first. Nothing was patched.")
     found = features()
-    points = _patch_points(found)  # may refuse this Megatron-Core: before anything changes
+    points = replacements(found)  # may refuse this Megatron-Core: before anything changes
     unpatch_megatron()
     _patch = _Patch(options, version, [(owner, name, owner.__dict__[name]) for owner, name, _ in points],
                     weakref.WeakSet(), found)
     for owner, name, replacement in points:
+        replacement.__wrapped__ = owner.__dict__[name]  # the original, as functools.wraps keeps it
         setattr(owner, name, replacement)
     setattr(TopKRouter, _SENTINEL, options)
     return options
@@ -629,6 +613,9 @@ def unpatch_megatron() -> None:
 
     patch, _patch = _patch, None
     for owner, name, original in patch.originals:
+        current = owner.__dict__.get(name)
+        if getattr(current, "__wrapped__", None) is original:
+            del current.__wrapped__
         setattr(owner, name, original)
     delattr(TopKRouter, _SENTINEL)
     for router in list(patch.routers):
@@ -637,6 +624,6 @@ def unpatch_megatron() -> None:
         balancer.end_step()  # waits for counts in flight: a collective, as on every rank
 
 
-def patch_points() -> list[str]:
+def replaced_names() -> list[str]:
     """What patch_megatron replaces on the installed Megatron-Core, as dotted names."""
-    return [f"{getattr(owner, '__qualname__', owner.__name__)}.{name}" for owner, name, _ in _patch_points()]
+    return [f"{getattr(owner, '__qualname__', owner.__name__)}.{name}" for owner, name, _ in replacements()]

@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VERSIONS="${MOE_LBL_MATRIX:-0.12.3 0.13.1 0.14.0 0.15.3}"
-TESTS="tests/test_patch_router.py tests/test_patch_lifecycle.py tests/test_patch_dp.py"
+TESTS="tests/megatron/test_patch_mechanics.py tests/megatron/test_patch_router.py tests/megatron/test_patch_lifecycle.py tests/megatron/test_patch_dp.py"
 status=0
 for version in $VERSIONS; do
   target=".matrix/megatron-core-$version"

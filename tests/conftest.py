@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def megatron_world():
     """A one-rank gloo world with Megatron's parallel state and the CPU shims, in this process."""
-    from moe_lbl.testing.harness import distributed
+    from moe_lbl.tiny_gpt import distributed
 
     with tempfile.TemporaryDirectory() as tmp:
         with distributed(0, 1, os.path.join(tmp, "init")):
@@ -33,7 +33,7 @@ def megatron_world():
 
 @pytest.fixture(autouse=True)
 def clean_state():
-    """Every test starts unpatched, with an empty aux-loss tracker and a fresh seed."""
+    """Every test starts unpatched, with an empty aux-loss tracker, no aux-loss scale and a fresh seed."""
     import moe_lbl
 
     moe_lbl.unpatch_megatron()
@@ -41,9 +41,13 @@ def clean_state():
     yield
     moe_lbl.unpatch_megatron()
     if "megatron.core.transformer.moe.moe_utils" in sys.modules:
-        from moe_lbl.testing.harness import aux_loss_tracker
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        from tests.helpers.megatron import aux_loss_tracker
 
         aux_loss_tracker().clear()
+        # A scale a test set would otherwise reach the next (a 0-d one even breaks its set_loss_scale).
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
 @pytest.fixture(scope="session")

@@ -138,4 +138,5 @@ def router_backward(
             # The chosen experts' whole gradient over the dense one just stored: the barrier
             # orders the two stores of one element made by different threads.
             tl.debug_barrier()
-            tl.store(grad_logits_ptr + rows[:, None] * E + indices, cast_to(routing_top, DTYPE, CASTS_ROUND), mask=top_ok)
+            tl.store(grad_logits_ptr + rows[:, None] * E + indices, cast_to(routing_top, DTYPE, CASTS_ROUND),
+                     mask=top_ok)

@@ -28,16 +28,20 @@ CASES = [
     case("softmax-E8-k2-bf16-pad", 8, 2, 517, torch.bfloat16, padding=0.2),
     case("softmax-E60-k6-scale", 60, 6, 300, torch.float32, scaling=2.5),
     case("softmax-pre-E64-k4-bf16-pad", 64, 4, 517, torch.bfloat16, pre=True, padding=0.3),
-    case("softmax-pre-E64-k8-groups8x4-scale", 64, 8, 300, torch.float32, pre=True, groups=8, group_topk=4, scaling=1.5),
+    case("softmax-pre-E64-k8-groups8x4-scale", 64, 8, 300, torch.float32, pre=True, groups=8, group_topk=4,
+         scaling=1.5),
     case("softmax-E160-k6-groups8x3-bf16-pad", 160, 6, 300, torch.bfloat16, groups=8, group_topk=3, padding=0.1),
-    case("sigmoid-bias-E256-k8-groups8x4-scale", 256, 8, 300, torch.float32, score="sigmoid", groups=8, group_topk=4, bias=True, scaling=2.5),
-    case("sigmoid-bias-E256-k8-groups8x4-bf16-pad", 256, 8, 300, torch.bfloat16, score="sigmoid", groups=8, group_topk=4, bias=True, padding=0.25),
+    case("sigmoid-bias-E256-k8-groups8x4-scale", 256, 8, 300, torch.float32, score="sigmoid", groups=8, group_topk=4,
+         bias=True, scaling=2.5),
+    case("sigmoid-bias-E256-k8-groups8x4-bf16-pad", 256, 8, 300, torch.bfloat16, score="sigmoid", groups=8,
+         group_topk=4, bias=True, padding=0.25),
     case("sigmoid-E64-k1", 64, 1, 300, torch.float32, score="sigmoid"),
     case("sigmoid-E60-k4-bf16-pad", 60, 4, 517, torch.bfloat16, score="sigmoid", padding=0.2),
     case("sigmoid-bias-E160-k2", 160, 2, 300, torch.float32, score="sigmoid", bias=True),
     case("softmax-E256-k4-fp16", 256, 4, 300, torch.float16),
     case("softmax-pre-E8-k8", 8, 8, 300, torch.float32, pre=True),
-    case("sigmoid-E64-k6-groups4x2-fp16-scale", 64, 6, 300, torch.float16, score="sigmoid", groups=4, group_topk=2, scaling=2.0),
+    case("sigmoid-E64-k6-groups4x2-fp16-scale", 64, 6, 300, torch.float16, score="sigmoid", groups=4, group_topk=2,
+         scaling=2.0),
 ]
 
 
@@ -83,6 +87,11 @@ def routing_kwargs(c):
                 group_topk=c["group_topk"], scaling_factor=c["scaling"])
 
 
+def aux_dtype(c):
+    """The dtype of the aux scores: fp32 softmax, or sigmoid scores in the logits dtype."""
+    return c["dtype"] if c["score"] == "sigmoid" else torch.float32
+
+
 def selection_near_ties(ref, c):
     tol = 4 * EPS[c["dtype"]] if not (c["score"] == "softmax" and not c["pre"]) else 0.0
     near = near_tie_rows(ref.select, c["k"], max(tol, 4 * EPS[torch.float32]))
@@ -105,7 +114,8 @@ def test_forward_matches_reference(c, device, poisoned):
     logits, bias, padding, to = make_inputs(c, seed=c["E"] * 31 + c["k"], device=device)
     out = fused_topk_router(to(logits), c["k"], expert_bias=to(bias), padding_mask=to(padding),
                             launch=launch_for(device), **routing_kwargs(c))
-    probs, routing_map, indices, weights = (t.cpu() for t in (out.probs, out.routing_map, out.topk_indices, out.topk_probs))
+    probs, routing_map = out.probs.cpu(), out.routing_map.cpu()
+    indices, weights = out.topk_indices.cpu(), out.topk_probs.cpu()
     ref = reference_routing(logits, c["k"], expert_bias=bias, **routing_kwargs(c))
     T, k = c["T"], c["k"]
     valid = torch.ones(T, dtype=torch.bool) if padding is None else ~padding
@@ -121,7 +131,8 @@ def test_forward_matches_reference(c, device, poisoned):
     chosen_min = torch.where(routing_map, ref.select, torch.inf).amin(1)
     other_max = torch.where(routing_map, -torch.inf, ref.select).amax(1)
     scale = ref.select.abs().nan_to_num(posinf=0, neginf=0).amax(1).clamp(min=1)
-    grouped_near = near_tie_rows(ref.group_scores, c["group_topk"], 1e-6) if ref.group_scores is not None else torch.zeros(T, dtype=torch.bool)
+    grouped_near = (near_tie_rows(ref.group_scores, c["group_topk"], 1e-6) if ref.group_scores is not None
+                    else torch.zeros(T, dtype=torch.bool))
     assert bool((chosen_min >= other_max - 8 * EPS[c["dtype"]] * scale)[~grouped_near].all())
     # Probabilities of the kernel's selection.
     ref_mine = reference_routing(logits, k, expert_bias=bias, indices=indices, **routing_kwargs(c))
@@ -133,11 +144,10 @@ def test_forward_matches_reference(c, device, poisoned):
     assert int(stats.valid_tokens) == int(valid.sum())
     assert torch.equal(stats.dispatch_counts.cpu(), (routing_map & valid[:, None]).sum(0))
     aux_map = torch.zeros(T, c["E"], dtype=torch.bool).scatter(1, ref.aux_indices, True)
-    aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[c["dtype"] if c["score"] == "sigmoid" else torch.float32])
+    aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[aux_dtype(c)])
     assert_counts_close(stats.aux_counts, aux_map, aux_near, valid)
-    aux_dtype = c["dtype"] if c["score"] == "sigmoid" else torch.float32
     torch.testing.assert_close(stats.score_sums.cpu().double(), ref.aux_scores[valid].sum(0).detach(),
-                               rtol=1e-5 if aux_dtype == torch.float32 else 1e-3, atol=T * EPS[aux_dtype])
+                               rtol=1e-5 if aux_dtype(c) == torch.float32 else 1e-3, atol=T * EPS[aux_dtype(c)])
     torch.testing.assert_close(stats.z_sum.cpu().double(), (ref.lse[valid] ** 2).sum(), rtol=1e-5, atol=1e-3)
 
 
@@ -158,7 +168,7 @@ def test_forward_matches_megatron(c, device):
     assert torch.equal(m_map[~near], routing_map[~near])
     torch.testing.assert_close(probs[~near].double(), m_probs[~near].double(), rtol=rtol, atol=atol)
     m_aux_map, _ = moe_utils.compute_routing_scores_for_aux_loss(logits, k, c["score"], padding_mask=padding)
-    aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[c["dtype"] if c["score"] == "sigmoid" else torch.float32])
+    aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[aux_dtype(c)])
     assert_counts_close(out.stats.aux_counts, m_aux_map, aux_near, valid)
 
 
@@ -176,7 +186,8 @@ def test_backward_matches_float64_autograd(c, device):
     ((out.probs * to(grad_probs)).sum() + (out.topk_probs * to(grad_weights)).sum()).backward()
 
     x64 = logits.double().requires_grad_()
-    ref = reference_routing(logits, c["k"], expert_bias=bias, indices=out.topk_indices.cpu(), x=x64, **routing_kwargs(c))
+    ref = reference_routing(logits, c["k"], expert_bias=bias, indices=out.topk_indices.cpu(), x=x64,
+                            **routing_kwargs(c))
     valid = torch.ones(c["T"], dtype=torch.bool) if padding is None else ~padding
     total = ((ref.probs * grad_probs.double()).sum() + (ref.weights * grad_weights.double()).sum()
              + (ref.aux_scores[valid] * lbl.double()).sum() + z / 2 * (ref.lse[valid] ** 2).sum())

@@ -13,7 +13,7 @@ import torch
 
 import moe_lbl
 from moe_lbl.patches import megatron as patch_module
-from moe_lbl.testing.harness import build_router
+from tests.helpers.megatron import build_router
 
 ROUTER = dict(num_experts=8, topk=2, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=1e-3)
 

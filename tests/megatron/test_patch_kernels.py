@@ -8,7 +8,8 @@ import torch
 
 import moe_lbl
 from moe_lbl.patches.megatron import balancer_of
-from moe_lbl.testing.harness import TinyGPT, build_gpt, build_router, forward_loss, synthetic_batches, take_tracker
+from moe_lbl.tiny_gpt import TinyGPT, build_gpt, forward_loss, synthetic_batches
+from tests.helpers.megatron import build_router, take_tracker
 
 ROUTERS = {
     "softmax-top2-global-z": dict(num_experts=8, topk=2, moe_z_loss_coeff=1e-3),
@@ -93,7 +94,8 @@ def test_kernel_mode_is_validated(megatron_world):
         moe_lbl.patch_megatron(kernels="yes")
     assert not moe_lbl.is_patched()
     moe_lbl.patch_megatron(kernels=True)
-    router = build_router(num_experts=8, topk=2, moe_router_load_balancing_type=["seq_aux_loss"], moe_aux_loss_coeff=[0.1])
+    router = build_router(num_experts=8, topk=2, moe_router_load_balancing_type=["seq_aux_loss"],
+                          moe_aux_loss_coeff=[0.1])
     with pytest.raises(ValueError, match="cannot fuse this router: seq_aux_loss"):
         router.routing(torch.randn(4, 1, 8))
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from moe_lbl.engine import BalanceConfig, LoadBalancer
-from moe_lbl.testing.harness import spawn
-from moe_lbl.testing.reference import assert_matches_reference, random_micro_batch, reference_losses, topk_mask
+from moe_lbl.tiny_gpt import spawn
+from tests.helpers.reference import assert_matches_reference, random_micro_batch, reference_losses, topk_mask
 
 pytestmark = pytest.mark.cpu_harness
 
@@ -42,7 +42,7 @@ def rank_worker(rank, world_size):
             out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores,
                                   topk_mask(logits.detach(), TOPK, padding).sum(0), int((~padding).sum()),
                                   lambda: 1.0 / NUM_MICRO_BATCHES,
-                                  lambda n, v: values.__setitem__(n, float(v)))
+                                  lambda n, v, values=values: values.__setitem__(n, float(v)))
             out.sum().backward()
             grads.append(logits.grad)
             logged.append(values)

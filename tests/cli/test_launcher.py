@@ -8,7 +8,7 @@ import pytest
 
 from moe_lbl import run as launcher
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def launch(args, env=None, timeout=300):

@@ -54,7 +54,7 @@ def test_throughput_benchmark_accounts_for_every_mode(tmp_path):
     (kernels, ["--tokens", "0"], "must be >= 1"),
     (kernels, ["--providers", "fast"], "invalid choice"),
     (throughput, ["--ranks", "0"], "ranks must be >= 1"),
-    (throughput, ["--topk", "9"], "topk (9) must not exceed experts (8)"),
+    (throughput, ["--topk", "9"], "topk (9) must not exceed num_experts (8)"),
 ])
 def test_bad_arguments_exit_with_a_message(module, args, error, capsys):
     with pytest.raises(SystemExit) as exit_info:

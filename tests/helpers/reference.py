@@ -63,7 +63,7 @@ def assert_matches_reference(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for key, (grad, logged) in got.items():
         want_grad, want_values = want[key]
-        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-8, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-8, msg=lambda m, key=key: f"{key}: {m}")
         assert logged.keys() == want_values.keys(), key
         for name, value in want_values.items():
             assert abs(logged[name] - value) <= 1e-6 * abs(value), (key, name, logged[name], value)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moe_lbl.engine import BalanceConfig
-from moe_lbl.testing.harness import spawn
-from moe_lbl.testing.reference import assert_matches_reference, reference_losses
+from moe_lbl.tiny_gpt import spawn
+from tests.helpers.reference import assert_matches_reference, reference_losses
 
 pytestmark = pytest.mark.cpu_harness
 
@@ -43,7 +43,7 @@ def rank_worker(rank, world_size):
 
     import moe_lbl
     from moe_lbl.patches.megatron import balancer_of, features, tracker_names
-    from moe_lbl.testing.harness import build_router, take_tracker
+    from tests.helpers.megatron import build_router, take_tracker
 
     found = features()
     results = {"features": found}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moe_lbl
-from moe_lbl.testing.harness import build_router, take_tracker
+from tests.helpers.megatron import build_router, take_tracker
 
 
 def route(router, logits, padding_mask, probs_weight, loss_scale):

@@ -1,7 +1,10 @@
-"""Shims that let Megatron-Core 0.16 train an MoE model on CPU with gloo (tests and CPU demos).
+"""Megatron-Core on CPU: the shims that let it train an MoE model with gloo ranks, no CUDA.
 
-Never applied silently: only inside `cpu_shims()`, which refuses to run where CUDA is available.
-Each shim names the obstacle it removes (GUIDE.md section 2).
+`moe-lbl demo` runs this way, and so do the tests and the CPU runs of the example. Never applied
+silently: only inside `cpu_shims()`, which refuses to run where CUDA is available. Each shim
+names the obstacle it removes; the other obstacles are avoided by configuration instead (see
+moe_lbl.tiny_gpt: the allgather dispatcher, no linear biases, an explicit causal mask, and a
+training step that mirrors Megatron's no-pipelining schedule, which hard-codes CUDA tensors).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
-"""A small Megatron-Core GPT-MoE trained with data-parallel ranks, for tests, demo and benchmarks.
+"""A tiny Megatron-Core GPT-MoE trained with data-parallel ranks on one machine.
 
-On CPU the ranks use gloo and the CPU shims; where CUDA is available, NCCL and one GPU per rank.
+What `moe-lbl demo`, the throughput benchmark, the example and the tests train. On CPU the ranks
+use gloo and the CPU shims (moe_lbl.patches.cpu); where CUDA is available, NCCL and one GPU per
+rank.
 `spawn` starts the ranks; `distributed` sets up the process group and Megatron's parallel state;
 `build_gpt` makes the model; `train_step` mirrors Megatron's no-pipelining schedule
 (`forward_backward_no_pipelining` hard-codes CUDA tensors) followed by `finalize_model_grads`.
@@ -9,7 +11,6 @@ On CPU the ranks use gloo and the CPU shims; where CUDA is available, NCCL and o
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import tempfile
 import time
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_lbl.testing.cpu import cpu_shims
+from moe_lbl.patches.cpu import cpu_shims
 
 
 @dataclass
@@ -119,7 +120,8 @@ def wrap_ddp(model, config):
 
 def causal_mask(seq_length: int) -> torch.Tensor:
     # Passed explicitly: Megatron's default causal mask is built on "cuda".
-    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1).view(1, 1, seq_length, seq_length)
+    mask = torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool), diagonal=1)
+    return mask.view(1, 1, seq_length, seq_length)
 
 
 @dataclass
@@ -162,8 +164,10 @@ def train_step(ddp_model, optimizer, micro_batches: list[MicroBatch]) -> float:
     return float(total)  # the step's one host synchronization
 
 
-def _worker(fn, rank, world_size, init_file, out_dir, tensor_parallel, args):
+def _worker(fn, rank, world_size, init_file, out_dir, tensor_parallel, args, initializer):
     try:
+        if initializer is not None:
+            initializer()
         with distributed(rank, world_size, init_file, tensor_parallel):
             result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -173,32 +177,22 @@ def _worker(fn, rank, world_size, init_file, out_dir, tensor_parallel, args):
         raise
 
 
-def check_options(options, positive: tuple, ranks: int) -> None:
-    """Shared checks of the run options: the named fields are >= 1, and `ranks` fit the machine
-    (one GPU per rank where CUDA is available, else one core per rank)."""
-    for name in positive:
-        if getattr(options, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(options, name)}")
-    cuda = torch.cuda.is_available()
-    available = torch.cuda.device_count() if cuda else (os.cpu_count() or 1)
-    if ranks > available:
-        raise ValueError(f"ranks ({ranks}) must not exceed this machine's {available} {'GPUs' if cuda else 'cores'}")
-
-
-def spawn(fn: Callable, world_size: int, *args, tensor_parallel: int = 1, timeout: float = 600) -> list:
+def spawn(fn: Callable, world_size: int, *args, tensor_parallel: int = 1, timeout: float = 600,
+          initializer: Optional[Callable[[], None]] = None) -> list:
     """Run fn(rank, world_size, *args) in `world_size` gloo ranks; return each rank's result.
 
     Megatron's parallel state is initialized with `tensor_parallel` (ranks 2t, 2t+1 share a
     tensor-parallel group when it is 2).
-    fn must be importable (a module-level function). A rank's exception is re-raised here with
-    its traceback.
+    fn (and `initializer`, run first in each rank, before Megatron is set up) must be importable
+    (module-level functions). A rank's exception is re-raised here with its traceback.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, out_dir, tensor_parallel, args))
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, out_dir, tensor_parallel, args,
+                                                          initializer))
                  for r in range(world_size)]
         for p in procs:
             p.start()
@@ -223,50 +217,6 @@ def spawn(fn: Callable, world_size: int, *args, tensor_parallel: int = 1, timeou
         if errors:
             raise RuntimeError("\n".join(errors))
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
-
-
-def build_router(num_experts: int = 8, topk: int = 2, **overrides):
-    """A training-mode TopKRouter (layer 1 of 1) on Megatron's default process groups."""
-    from megatron.core.transformer.moe.router import TopKRouter
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    kwargs = dict(num_layers=1, hidden_size=16, num_attention_heads=1, num_moe_experts=num_experts,
-                  moe_router_topk=topk, moe_router_load_balancing_type="aux_loss",
-                  moe_aux_loss_coeff=1e-2, use_cpu_initialization=True, add_bias_linear=False)
-    kwargs.update(overrides)
-    config = TransformerConfig(**kwargs)
-    parameters = inspect.signature(TopKRouter.__init__).parameters
-    if "pg_collection" in parameters:  # 0.15+
-        from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
-        router = TopKRouter(config, pg_collection=get_default_pg_collection())
-    elif "model_comm_pgs" in parameters:  # 0.13, 0.14
-        from megatron.core.process_groups_config import ModelCommProcessGroups
-
-        router = TopKRouter(config, model_comm_pgs=ModelCommProcessGroups.use_mpu_process_groups())
-    else:
-        router = TopKRouter(config)
-    router.set_layer_number(1)
-    return router.train()
-
-
-def aux_loss_tracker() -> dict:
-    """Megatron's per-layer aux-loss tracker (in parallel_state before 0.13, moe_utils after)."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer.moe import moe_utils
-
-    getter = getattr(moe_utils, "get_moe_layer_wise_logging_tracker", None) or \
-        parallel_state.get_moe_layer_wise_logging_tracker
-    return getter()
-
-
-def take_tracker() -> dict:
-    """Megatron's per-layer aux-loss tracker values so far (per name), then cleared."""
-    tracker = aux_loss_tracker()
-    values = {name: entry["values"].clone() for name, entry in tracker.items()}
-    for entry in tracker.values():
-        entry["values"].zero_()
-    return values
 
 
 def synthetic_batches(step: int, rank: int, num_micro_batches: int, micro_batch_size: int,

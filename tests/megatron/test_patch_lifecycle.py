@@ -1,11 +1,14 @@
 """Patch lifecycle on Megatron-Core: recompute, per-step reset, patch/unpatch, bad input."""
 
+import re
+
 import pytest
 import torch
 
 import moe_lbl
 from moe_lbl.patches import megatron as patch_module
-from moe_lbl.testing.harness import TinyGPT, build_gpt, build_router, forward_loss, synthetic_batches, train_step, wrap_ddp
+from moe_lbl.tiny_gpt import TinyGPT, build_gpt, forward_loss, synthetic_batches, train_step, wrap_ddp
+from tests.helpers.megatron import build_router
 
 
 def one_micro_batch(spec, seed=0):
@@ -56,7 +59,7 @@ def test_buffer_is_emptied_by_finalize_model_grads(megatron_world, megatron_feat
 
 def patched_objects():
     """Every attribute the patch replaces on this Megatron-Core, as it is now."""
-    return {(id(owner), name): owner.__dict__[name] for owner, name, _ in patch_module._patch_points()}
+    return {(id(owner), name): owner.__dict__[name] for owner, name, _ in patch_module.replacements()}
 
 
 def test_patch_unpatch_round_trip(megatron_world):
@@ -96,7 +99,8 @@ def test_unsupported_version_patches_nothing(megatron_world, monkeypatch):
     moe_lbl.patch_megatron(scope="micro")
     before = patched_objects()
     monkeypatch.setattr(patch_module, "megatron_core_version", lambda: "0.11.0")
-    with pytest.raises(patch_module.UnsupportedMegatronVersion, match=r"megatron-core 0.11.0 is not supported.*>=0.12.0,<0.17.0"):
+    refused = r"megatron-core 0.11.0 is not supported.*" + re.escape(patch_module.SUPPORTED_MEGATRON)
+    with pytest.raises(patch_module.UnsupportedMegatronVersion, match=refused):
         moe_lbl.patch_megatron(scope="global")
     monkeypatch.setattr(patch_module, "megatron_core_version", lambda: None)
     with pytest.raises(patch_module.UnsupportedMegatronVersion, match="megatron-core is not installed"):
@@ -109,7 +113,7 @@ def test_a_patch_by_another_copy_of_the_module_is_refused(megatron_world):
     from megatron.core.transformer.moe.router import TopKRouter
 
     originals = patched_objects()
-    setattr(TopKRouter, "_moe_lbl_patch", "patched elsewhere")  # as a reloaded copy would leave it
+    TopKRouter._moe_lbl_patch = "patched elsewhere"  # as a reloaded copy would leave it
     try:
         with pytest.raises(RuntimeError, match="another copy of moe_lbl.patches.megatron"):
             moe_lbl.patch_megatron()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from moe_lbl.demo import DemoOptions, _train_rank
-from moe_lbl.testing.harness import spawn
+from moe_lbl.tiny_gpt import spawn
 
 pytestmark = pytest.mark.cpu_harness
 
@@ -31,9 +31,11 @@ def test_training_with_dp2_reduces_loss_and_reports_balance():
 
 
 def test_two_step_demo_writes_table_heatmaps_and_wandb_runs(tmp_path):
-    result = moe_lbl("demo", "--steps", "2", "--seeds", "0", "--micro-batches", "1", "--seq-length", "16", "--experts", "4",
+    result = moe_lbl("demo", "--steps", "2", "--seeds", "0", "--micro-batches", "1", "--seq-length", "16",
+                     "--experts", "4",
                      "--out", str(tmp_path), env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Apex is not installed" not in result.stderr  # known warnings are not shown
     for line in ("val loss", "loss code", "loss arithmetic", "MaxVio micro", "MaxVio global", "max freq",
                  "top-k score", "divergence", "s/step", "global - micro, val loss, per seed: "):
         assert line in result.stdout
@@ -72,3 +74,16 @@ def test_info_names_versions_and_support():
 def test_demo_rejects_bad_arguments(args, error):
     result = moe_lbl("demo", *args)
     assert result.returncode == 2 and error in result.stderr
+
+
+def test_demo_without_its_extra_names_the_fix(monkeypatch, capsys):
+    import importlib.util
+
+    from moe_lbl.cli import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name in ("matplotlib", "wandb") else find_spec(name, *args))
+    assert main(["demo", "--steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "matplotlib and wandb not installed" in error and "pip install 'moe-lbl[demo]'" in error

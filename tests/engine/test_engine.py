@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe_lbl.engine import GLOBAL_LOSS_NAME, BalanceConfig, LoadBalancer
-from moe_lbl.testing.reference import random_micro_batch, reference_losses, topk_mask
+from tests.helpers.reference import random_micro_batch, reference_losses, topk_mask
 
 
 def run_engine(config, micro_batches, num_experts, topk, scale):
@@ -19,7 +19,7 @@ def run_engine(config, micro_batches, num_experts, topk, scale):
         probs = torch.zeros_like(logits, requires_grad=True)
         values = {}
         out = balancer.attach(probs, scores, mask.sum(0), int(valid.sum()), lambda: scale,
-                              lambda name, value: values.__setitem__(name, float(value)))
+                              lambda name, value, values=values: values.__setitem__(name, float(value)))
         out.sum().backward()
         assert torch.equal(probs.grad, torch.ones_like(probs))  # probs gradient passes through
         grads.append(logits.grad)
@@ -55,7 +55,7 @@ def test_engine_matches_float64_reference(config, num_experts, topk):
 def test_buffer_accumulates_then_resets():
     micro_batches = [random_micro_batch(20, 8, 3, seed=i) for i in range(3)]
     balancer, _, _ = run_engine(BalanceConfig("global"), micro_batches, 8, 2, 1.0)
-    expected = sum(topk_mask(l, 2, p).sum(0) for l, p in micro_batches)
+    expected = sum(topk_mask(logits, 2, p).sum(0) for logits, p in micro_batches)
     assert torch.equal(balancer.buffered_counts[:-1], expected)
     assert int(balancer.buffered_counts[-1]) == 3 * 17
     balancer.end_step()

@@ -1,0 +1,23 @@
+"""The installed versions of what moe-lbl runs on, for `moe-lbl info` and the benchmarks' rows."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+PACKAGES = ("torch", "triton", "megatron-core", "transformer-engine")
+
+
+def installed_version(*distributions: str) -> str:
+    """The version of the first of these distributions that is installed, or "not installed"."""
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def versions() -> str:
+    """"name=version" of each installed package of PACKAGES, space-separated."""
+    found = ((name, installed_version(name)) for name in PACKAGES)
+    return " ".join(f"{name}={version}" for name, version in found if version != "not installed")

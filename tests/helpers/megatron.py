@@ -1,0 +1,50 @@
+"""Test helpers on a real Megatron-Core: a bare TopKRouter and the aux-loss tracker."""
+
+from __future__ import annotations
+
+import inspect
+
+
+def build_router(num_experts: int = 8, topk: int = 2, **overrides):
+    """A training-mode TopKRouter (layer 1 of 1) on Megatron's default process groups."""
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(num_layers=1, hidden_size=16, num_attention_heads=1, num_moe_experts=num_experts,
+                  moe_router_topk=topk, moe_router_load_balancing_type="aux_loss",
+                  moe_aux_loss_coeff=1e-2, use_cpu_initialization=True, add_bias_linear=False)
+    kwargs.update(overrides)
+    config = TransformerConfig(**kwargs)
+    parameters = inspect.signature(TopKRouter.__init__).parameters
+    if "pg_collection" in parameters:  # 0.15+
+        from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+        router = TopKRouter(config, pg_collection=get_default_pg_collection())
+    elif "model_comm_pgs" in parameters:  # 0.13, 0.14
+        from megatron.core.process_groups_config import ModelCommProcessGroups
+
+        router = TopKRouter(config, model_comm_pgs=ModelCommProcessGroups.use_mpu_process_groups())
+    else:
+        router = TopKRouter(config)
+    router.set_layer_number(1)
+    return router.train()
+
+
+def aux_loss_tracker() -> dict:
+    """Megatron's per-layer aux-loss tracker (in parallel_state before 0.13, moe_utils after)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe import moe_utils
+
+    getter = getattr(moe_utils, "get_moe_layer_wise_logging_tracker", None) or \
+        parallel_state.get_moe_layer_wise_logging_tracker
+    return getter()
+
+
+def take_tracker() -> dict:
+    """Megatron's per-layer aux-loss tracker values so far (per name), then cleared."""
+    tracker = aux_loss_tracker()
+    values = {name: entry["values"].clone() for name, entry in tracker.items()}
+    for entry in tracker.values():
+        entry["values"].zero_()
+    return values
+

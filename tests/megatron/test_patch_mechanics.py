@@ -1,0 +1,36 @@
+"""How the patch is put in place: the supported range it declares, its replacements and their originals."""
+
+import os
+
+import tomllib
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+from moe_lbl.patches import megatron as patch_module
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_pyproject_requires_the_supported_megatron_range():
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    megatron = [Requirement(d) for d in dependencies if Requirement(d).name == "megatron-core"]
+    assert [r.specifier for r in megatron] == [SpecifierSet(patch_module.SUPPORTED_MEGATRON)]
+
+
+def test_each_replacement_wraps_its_original_and_says_what_it_replaces():
+    import moe_lbl
+
+    points = patch_module.replacements()
+    originals = {(id(owner), name): owner.__dict__[name] for owner, name, _ in points}
+    moe_lbl.patch_megatron(scope="global")
+    for owner, name, replacement in points:
+        installed = owner.__dict__[name]
+        assert installed is replacement
+        assert installed.__wrapped__ is originals[id(owner), name], name
+        assert f"Replaces {owner.__name__.rsplit('.', 1)[-1]}.{name}" in installed.__doc__, name
+    assert len(patch_module.replaced_names()) == len(points)
+    moe_lbl.unpatch_megatron()
+    for owner, name, replacement in points:
+        assert owner.__dict__[name] is originals[id(owner), name]
+        assert not hasattr(replacement, "__wrapped__"), name
