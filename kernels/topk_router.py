@@ -109,7 +109,7 @@ class RouterStats:
 class RouterOutput:
     probs: Optional[torch.Tensor]  # [T, E], logits dtype, zero outside the chosen experts (dense=True)
     routing_map: Optional[torch.Tensor]  # [T, E] bool (dense=True)
-    topk_indices: torch.Tensor  # [T, k] int32, in selection order (highest score first)
+    topk_indices: Optional[torch.Tensor]  # [T, k] int32, in selection order, highest score first (sparse=True)
     topk_probs: Optional[torch.Tensor]  # [T, k] logits dtype: probs at topk_indices (sparse=True)
     stats: Optional[RouterStats]
 
@@ -183,7 +183,7 @@ def _forward(logits, expert_bias, padding_mask, spec: RoutingSpec, compute_stats
     tiles = _Tiles.of(spec, launch)
     probs = _empty((num_tokens, num_experts), logits.dtype, device) if dense else None
     routing_map = _empty((num_tokens, num_experts), torch.bool, device) if dense else None
-    topk_indices = _empty((num_tokens, k), torch.int32, device)
+    topk_indices = _empty((num_tokens, k), torch.int32, device) if sparse else None
     topk_probs = _empty((num_tokens, k), logits.dtype, device) if sparse else None
     use_bias = spec.score_function == "sigmoid" and expert_bias is not None  # as Megatron: sigmoid only
     softmax = spec.score_function == "softmax"
@@ -201,15 +201,15 @@ def _forward(logits, expert_bias, padding_mask, spec: RoutingSpec, compute_stats
         return (logits, logits.stride(0), num_tokens,
                 expert_bias.float().contiguous() if use_bias else logits,
                 padding if padding is not None else logits, float(spec.scaling_factor or 1.0),
-                probs if dense else logits, routing_map.view(torch.uint8) if dense else logits, topk_indices,
-                topk_probs if sparse else logits, *partials)
+                probs if dense else logits, routing_map.view(torch.uint8) if dense else logits,
+                topk_indices if sparse else logits, topk_probs if sparse else logits, *partials)
 
     constexprs = dict(
         E=num_experts, K=k, GROUP_TOPK=spec.group_topk or 0, SOFTMAX=softmax,
         PRE_SOFTMAX=bool(spec.use_pre_softmax), HAS_BIAS=use_bias, HAS_PADDING=padding is not None,
         HAS_SCALING=bool(spec.scaling_factor), LOGIT_BITS=_VALUE_BITS[logits.dtype],
         SELECT_BITS=32 if use_bias else _VALUE_BITS[logits.dtype],  # bias promotes scores to fp32
-        WRITE_DENSE=dense, WRITE_WEIGHTS=sparse, COMPUTE_STATS=compute_stats, SEPARATE_AUX_TOPK=separate_aux,
+        WRITE_DENSE=dense, WRITE_SPARSE=sparse, COMPUTE_STATS=compute_stats, SEPARATE_AUX_TOPK=separate_aux,
         **tiles.constexprs())
     programs = launcher.programs(router_forward, triton.cdiv(num_tokens, tiles.block_t), launch.num_programs,
                                  device, args, constexprs)
@@ -231,7 +231,7 @@ def _forward(logits, expert_bias, padding_mask, spec: RoutingSpec, compute_stats
     return RouterOutput(probs, routing_map, topk_indices, topk_probs, stats)
 
 
-def _backward(logits, grad_probs, grad_topk_probs, topk_indices, padding_mask, lbl_grad, z_grad,
+def _backward(logits, grad_probs, grad_topk_probs, routing_map, topk_indices, padding_mask, lbl_grad, z_grad,
               spec: RoutingSpec, launch: Launch) -> torch.Tensor:
     num_tokens, num_experts = logits.shape
     grad_logits = _empty(tuple(logits.shape), logits.dtype, logits.device)
@@ -240,17 +240,18 @@ def _backward(logits, grad_probs, grad_topk_probs, topk_indices, padding_mask, l
     tiles = _Tiles.of(spec, launch)
     padding = padding_mask.view(torch.uint8) if padding_mask is not None else None
     launch_args = (
-        logits, logits.stride(0), num_tokens, topk_indices, padding if padding is not None else logits,
+        logits, logits.stride(0), num_tokens, routing_map.view(torch.uint8) if routing_map is not None else logits,
+        topk_indices if topk_indices is not None else logits, padding if padding is not None else logits,
         float(spec.scaling_factor or 1.0),
         grad_probs.contiguous() if grad_probs is not None else logits,
         grad_topk_probs.contiguous() if grad_topk_probs is not None else logits,
         lbl_grad if lbl_grad is not None else logits, z_grad if z_grad is not None else logits,
         grad_logits)
     constexprs = dict(
-        E=num_experts, K=spec.topk, SOFTMAX=spec.score_function == "softmax",
+        E=num_experts, K=spec.topk, GROUP_TOPK=spec.group_topk or 0, SOFTMAX=spec.score_function == "softmax",
         PRE_SOFTMAX=bool(spec.use_pre_softmax), HAS_PADDING=padding is not None,
         HAS_SCALING=bool(spec.scaling_factor), HAS_GRAD_PROBS=grad_probs is not None,
-        HAS_GRAD_WEIGHTS=grad_topk_probs is not None, HAS_LBL=lbl_grad is not None, HAS_Z=z_grad is not None,
+        HAS_GRAD_TOPK_PROBS=grad_topk_probs is not None, HAS_LBL=lbl_grad is not None, HAS_Z=z_grad is not None,
         **tiles.constexprs())
     programs = launcher.programs(router_backward, triton.cdiv(num_tokens, tiles.block_t), launch.num_programs,
                                  logits.device, lambda _: launch_args, constexprs)
@@ -266,7 +267,8 @@ class _FusedTopKRouter(torch.autograd.Function):
     def forward(ctx, logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, lbl_grad, z_grad,
                 launch, stats_box):
         out = _forward(logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, launch)
-        ctx.save_for_backward(logits, out.topk_indices, padding_mask)
+        # The backward finds the chosen experts in the routing map (dense) or topk_indices (sparse).
+        ctx.save_for_backward(logits, out.routing_map, out.topk_indices, padding_mask)
         ctx.spec, ctx.launch = spec, launch
         ctx.lbl_grad, ctx.z_grad = lbl_grad, z_grad
         ctx.mark_non_differentiable(*(t for t in (out.routing_map, out.topk_indices) if t is not None))
@@ -276,7 +278,7 @@ class _FusedTopKRouter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_probs, _grad_map, _grad_indices, grad_topk_probs):
-        logits, topk_indices, padding_mask = ctx.saved_tensors
+        logits, routing_map, topk_indices, padding_mask = ctx.saved_tensors
         # Read at backward time: the engine's gradient may wait for an all-reduce launched in forward.
         lbl = ctx.lbl_grad() if ctx.lbl_grad is not None else None
         z = ctx.z_grad() if ctx.z_grad is not None else None
@@ -284,8 +286,8 @@ class _FusedTopKRouter(torch.autograd.Function):
             lbl = lbl.to(device=logits.device, dtype=torch.float32).contiguous()
         if z is not None:
             z = torch.as_tensor(z, dtype=torch.float32, device=logits.device).reshape(1)
-        grad = _backward(logits, grad_probs, grad_topk_probs, topk_indices, padding_mask, lbl, z, ctx.spec,
-                         ctx.launch)
+        grad = _backward(logits, grad_probs, grad_topk_probs, routing_map, topk_indices, padding_mask, lbl, z,
+                         ctx.spec, ctx.launch)
         return grad, None, None, None, None, None, None, None, None, None, None
 
 

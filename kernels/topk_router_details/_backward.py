@@ -1,8 +1,9 @@
 """Backward router kernel: the logits gradient of the routing, balancing and z-losses in one pass.
 
-The balancing and z-loss gradients reach every expert (dense); the routing gradient reaches only
-the K chosen ones, so it is computed on [BLOCK_T, KP] tiles from the saved indices and stored over
-the dense result at those positions.
+The balancing and z-loss gradients reach every expert (dense). The routing gradient reaches only
+the K chosen experts: with only the dense probs differentiated (Megatron's path) it is computed
+densely from the routing map; with topk_probs it is computed on [BLOCK_T, KP] tiles from the
+saved indices and stored over the dense result at those positions.
 """
 
 import triton
@@ -11,6 +12,7 @@ import triton.language as tl
 from moe_lbl.kernels.topk_router_details._common import (
     LN2,
     LOG2E,
+    NEG_INF,
     SIGMOID_EPS,
     cast_to,
     exp,
@@ -39,27 +41,50 @@ def _balancing_grad(softmax, scores, lbl_grad, lbl_dot, sigmoid_total, z_lse, va
 
 
 @triton.jit
+def _routing_grad_dense(x, shifted, softmax, taken, grad, SOFTMAX: tl.constexpr, PRE_SOFTMAX: tl.constexpr,
+                        GROUP_TOPK: tl.constexpr, K: tl.constexpr):
+    """d(sum probs * grad)/d logits over a [BLOCK_T, BLOCK_G, BLOCK_GS] tile; grad is zero
+    outside the chosen experts (`taken`)."""
+    if SOFTMAX:
+        if PRE_SOFTMAX:  # probs = softmax over all experts
+            return softmax * (grad - row_sum(softmax * grad)[:, None, None])
+        else:  # probs = softmax over the chosen logits
+            if GROUP_TOPK > 0:
+                chosen_max = row_max(tl.where(taken, x, NEG_INF))
+                chosen_exp = tl.where(taken, exp(x - chosen_max[:, None, None]), 0.0)
+            else:  # the largest chosen logit is the row's largest
+                chosen_exp = tl.where(taken, shifted, 0.0)
+            probs = chosen_exp * (1.0 / row_sum(chosen_exp))[:, None, None]
+            return probs * (grad - row_sum(probs * grad)[:, None, None])
+    else:
+        scores = tl.where(taken, sigmoid(x), 0.0)
+        if K > 1:  # probs = scores / (sum of the chosen scores + eps)
+            total = (row_sum(scores) + SIGMOID_EPS)[:, None, None]
+            grad = (grad - row_sum(grad * scores)[:, None, None] / total) / total
+        return grad * scores * (1.0 - scores)
+
+
+@triton.jit
 def router_backward(
     # inputs
-    logits_ptr, stride_t, num_tokens, indices_ptr, padding_ptr, scaling_factor,
-    # incoming gradients: dense probs [T, E], sparse weights [T, K], balancing [E], z-loss [1]
-    grad_probs_ptr, grad_weights_ptr, lbl_grad_ptr, z_grad_ptr,
+    logits_ptr, stride_t, num_tokens, map_ptr, indices_ptr, padding_ptr, scaling_factor,
+    # incoming gradients: dense probs [T, E], sparse topk_probs [T, K], balancing [E], z-loss [1]
+    grad_probs_ptr, grad_topk_probs_ptr, lbl_grad_ptr, z_grad_ptr,
     # output [T, E]
     grad_logits_ptr,
     # routing
-    E: tl.constexpr, K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
+    E: tl.constexpr, K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, GROUP_TOPK: tl.constexpr,
     SOFTMAX: tl.constexpr, PRE_SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_SCALING: tl.constexpr,
     # which gradients arrive
-    HAS_GRAD_PROBS: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr, HAS_LBL: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_GRAD_PROBS: tl.constexpr, HAS_GRAD_TOPK_PROBS: tl.constexpr, HAS_LBL: tl.constexpr, HAS_Z: tl.constexpr,
     # tiles
     BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, KP: tl.constexpr,
     CASTS_ROUND: tl.constexpr,
 ):
     DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
-    HAS_ROUTING: tl.constexpr = HAS_GRAD_PROBS or HAS_GRAD_WEIGHTS
+    FROM_MAP: tl.constexpr = HAS_GRAD_PROBS and not HAS_GRAD_TOPK_PROBS
     pid = tl.program_id(0)
     expert, col_ok = expert_tile(G, GS, BLOCK_G, BLOCK_GS)
-    rank = tl.arange(0, KP)[None, :]
     lbl_grad = tl.zeros([1, BLOCK_G, BLOCK_GS], tl.float32)
     if HAS_LBL:
         lbl_grad = tl.load(lbl_grad_ptr + expert, mask=col_ok, other=0.0).to(tl.float32)
@@ -70,7 +95,6 @@ def router_backward(
     for block in range(pid, tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
         rows, row_ok, ok, x = load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T)
         r3 = rows[:, None, None]
-        top_ok = row_ok[:, None] & (rank < K)
         # The forward stores no logsumexp: recomputing it here is cheaper than its store there.
         row_max_x = row_max(x)
         shifted = tl.exp2(x * LOG2E - (row_max_x * LOG2E)[:, None, None])
@@ -96,13 +120,22 @@ def router_backward(
         grad = _balancing_grad(softmax, scores, lbl_grad, lbl_dot[:, None, None], sigmoid_total[:, None, None],
                                z_lse[:, None, None], valid[:, None, None], SOFTMAX, HAS_LBL, HAS_Z)
 
-        if HAS_ROUTING:
+        if FROM_MAP:
+            # Outside the tile's valid elements read "chosen": rows past the end then have chosen
+            # experts too (no 0 / 0 where nothing is stored), and a padded expert's probability is 0.
+            taken = tl.load(map_ptr + r3 * E + expert, mask=ok, other=1) != 0
+            grad_probs = tl.load(grad_probs_ptr + r3 * E + expert, mask=ok, other=0.0).to(tl.float32)
+            grad_probs = tl.where(taken, grad_probs, 0.0)
+            if HAS_SCALING:
+                grad_probs = grad_probs * scaling_factor
+            grad += _routing_grad_dense(x, shifted, softmax, taken, grad_probs, SOFTMAX, PRE_SOFTMAX, GROUP_TOPK, K)
+        if HAS_GRAD_TOPK_PROBS:  # on the K chosen experts, [BLOCK_T, KP]
+            rank = tl.arange(0, KP)[None, :]
+            top_ok = row_ok[:, None] & (rank < K)
             indices = tl.load(indices_ptr + rows[:, None] * K + rank, mask=top_ok, other=0)
             chosen = tl.load(logits_ptr + rows[:, None] * stride_t + indices, mask=top_ok, other=0.0).to(tl.float32)
             # Gradient reaching the chosen probabilities (dense and sparse outputs together).
-            grad_top = tl.zeros([BLOCK_T, KP], tl.float32)
-            if HAS_GRAD_WEIGHTS:
-                grad_top += tl.load(grad_weights_ptr + rows[:, None] * K + rank, mask=top_ok, other=0.0).to(tl.float32)
+            grad_top = tl.load(grad_topk_probs_ptr + rows[:, None] * K + rank, mask=top_ok, other=0.0).to(tl.float32)
             if HAS_GRAD_PROBS:
                 grad_top += tl.load(grad_probs_ptr + rows[:, None] * E + indices, mask=top_ok, other=0.0).to(tl.float32)
             if HAS_SCALING:
@@ -115,7 +148,8 @@ def router_backward(
                     grad -= routing_dot[:, None, None] * softmax
                     routing_top = softmax_top * (grad_top - routing_dot[:, None])
                 else:
-                    chosen_exp = tl.where(rank < K, exp(chosen - tl.max(chosen, 1)[:, None]), 0.0)
+                    chosen_max = tl.max(tl.where(rank < K, chosen, NEG_INF), 1)
+                    chosen_exp = tl.where(rank < K, exp(chosen - chosen_max[:, None]), 0.0)
                     probs = chosen_exp / tl.sum(chosen_exp, 1)[:, None]
                     routing_top = probs * (grad_top - tl.sum(probs * grad_top, 1)[:, None])
             else:
@@ -134,7 +168,7 @@ def router_backward(
                                            SOFTMAX, HAS_LBL, HAS_Z)
 
         tl.store(grad_logits_ptr + r3 * E + expert, cast_to(grad, DTYPE, CASTS_ROUND), mask=ok)
-        if HAS_ROUTING:
+        if HAS_GRAD_TOPK_PROBS:
             # The chosen experts' whole gradient over the dense one just stored: the barrier
             # orders the two stores of one element made by different threads.
             tl.debug_barrier()

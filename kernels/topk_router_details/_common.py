@@ -132,17 +132,20 @@ def key_value(key, VALUE_BITS: tl.constexpr):
 
 
 @triton.jit
-def top_keys(keys, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr):
-    """The K largest keys of each row of a [BLOCK_T, BLOCK_G, BLOCK_GS] tile, largest first, as
-    [BLOCK_T, KP] (KP >= K, a power of two; columns from K on repeat the K-th key).
+def top_keys(keys, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr, GATHER: tl.constexpr):
+    """The K largest keys of each row of a [BLOCK_T, BLOCK_G, BLOCK_GS] tile: (all of them, largest
+    first, as [BLOCK_T, KP] when GATHER (columns from K on repeat the K-th), the largest, the K-th).
 
     Keys are unique, so each round is one masked max: the largest key below the last one.
     """
     rank = tl.arange(0, KP)[None, :]
-    best = row_max(keys)
-    chosen = tl.zeros([keys.shape[0], KP], keys.dtype) + best[:, None]
+    first = row_max(keys)
+    best = first
+    chosen = first[:, None]
+    if GATHER:
+        chosen = tl.zeros([keys.shape[0], KP], keys.dtype) + first[:, None]
     for r in tl.static_range(1, K):
         best = row_max(tl.where(keys < best[:, None, None], keys, no_key(VALUE_BITS)))
-        chosen = tl.where(rank >= r, best[:, None], chosen)
-    return chosen, best
-
+        if GATHER:
+            chosen = tl.where(rank >= r, best[:, None], chosen)
+    return chosen, first, best

@@ -1,4 +1,4 @@
-"""Forward router kernel: routing, sparse and dense outputs and the balancing statistics in one pass."""
+"""Forward router kernel: routing, dense or sparse outputs and the balancing statistics in one pass."""
 
 import triton
 import triton.language as tl
@@ -49,7 +49,7 @@ def router_forward(
     # inputs
     logits_ptr, stride_t, num_tokens, bias_ptr, padding_ptr, scaling_factor,
     # outputs: dense [T, E], sparse [T, K]
-    probs_ptr, map_ptr, indices_ptr, weights_ptr,
+    probs_ptr, map_ptr, indices_ptr, topk_probs_ptr,
     # per-program statistics: counts [P, 2, E] (aux top-k, dispatched), score sums [P, E], z sums [P]
     counts_partial_ptr, scores_partial_ptr, z_partial_ptr,
     # routing
@@ -57,7 +57,7 @@ def router_forward(
     SOFTMAX: tl.constexpr, PRE_SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_SCALING: tl.constexpr, LOGIT_BITS: tl.constexpr, SELECT_BITS: tl.constexpr,
     # what to compute
-    WRITE_DENSE: tl.constexpr, WRITE_WEIGHTS: tl.constexpr, COMPUTE_STATS: tl.constexpr,
+    WRITE_DENSE: tl.constexpr, WRITE_SPARSE: tl.constexpr, COMPUTE_STATS: tl.constexpr,
     SEPARATE_AUX_TOPK: tl.constexpr,
     # tiles
     BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, KP: tl.constexpr,
@@ -66,7 +66,6 @@ def router_forward(
     DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
     pid = tl.program_id(0)
     expert, col_ok = expert_tile(G, GS, BLOCK_G, BLOCK_GS)
-    rank = tl.arange(0, KP)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert, mask=col_ok, other=0.0).to(tl.float32)
     if COMPUTE_STATS:
@@ -77,7 +76,6 @@ def router_forward(
 
     for block in range(pid, tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
         rows, row_ok, ok, x = load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T)
-        top_ok = row_ok[:, None] & (rank < K)
         row_max_x = row_max(x)
         shifted = tl.exp2(x * LOG2E - (row_max_x * LOG2E)[:, None, None])
         denominator = row_sum(shifted)
@@ -99,43 +97,65 @@ def router_forward(
         keys = all_keys
         if GROUP_TOPK > 0:
             keys = _group_mask(keys, G, K, GROUP_TOPK, BLOCK_G, SELECT_BITS, not HAS_BIAS, DTYPE, CASTS_ROUND)
-        top, kth = top_keys(keys, K, KP, SELECT_BITS)
+        top, first, kth = top_keys(keys, K, KP, SELECT_BITS, WRITE_SPARSE)
         taken = keys >= kth[:, None, None]
-        indices = key_index(top)
-        tl.store(indices_ptr + rows[:, None] * K + rank, indices, mask=top_ok)
 
-        # Probabilities of the chosen experts, [BLOCK_T, KP], from the keys' values.
-        if SOFTMAX:
-            if PRE_SOFTMAX:
-                probs = key_value(top, SELECT_BITS)
-            else:
-                chosen = key_value(top, SELECT_BITS)
-                chosen_exp = tl.where(rank < K, exp(chosen - tl.max(chosen, 1)[:, None]), 0.0)
-                probs = round_to(chosen_exp * (1.0 / tl.sum(chosen_exp, 1))[:, None], DTYPE, CASTS_ROUND)
-        else:
-            if HAS_BIAS:  # the keys hold sigmoid + bias: read the logits back (a cached row)
-                chosen_logits = tl.load(logits_ptr + rows[:, None] * stride_t + indices, mask=top_ok, other=0.0)
-                chosen = round_to(sigmoid(chosen_logits.to(tl.float32)), DTYPE, CASTS_ROUND)
-            else:
-                chosen = key_value(top, SELECT_BITS)
-            if K > 1:
-                total = round_to(tl.sum(tl.where(rank < K, chosen, 0.0), 1), DTYPE, CASTS_ROUND)
-                total = round_to(total + SIGMOID_EPS, DTYPE, CASTS_ROUND)
-                probs = round_to(chosen / total[:, None], DTYPE, CASTS_ROUND)
-            else:
-                probs = chosen
-        if HAS_SCALING:
-            probs = round_to(probs * scaling_factor, DTYPE, CASTS_ROUND)
-        if WRITE_WEIGHTS:
-            tl.store(weights_ptr + rows[:, None] * K + rank, probs.to(DTYPE), mask=top_ok)
         if WRITE_DENSE:
+            # Probabilities of the chosen experts, zero elsewhere, as Megatron computes them.
+            if SOFTMAX:
+                if PRE_SOFTMAX:
+                    probs = tl.where(taken, select, 0.0)
+                else:  # softmax over the chosen logits, shifted by the largest chosen one
+                    if GROUP_TOPK > 0:
+                        chosen_exp = exp(x - key_value(first, SELECT_BITS)[:, None, None])
+                    else:
+                        chosen_exp = shifted  # the largest chosen logit is the row's largest
+                    chosen_exp = tl.where(taken, chosen_exp, 0.0)
+                    probs = round_to(chosen_exp * (1.0 / row_sum(chosen_exp))[:, None, None], DTYPE, CASTS_ROUND)
+            else:
+                probs = tl.where(taken, scores, 0.0)
+                if K > 1:
+                    total = round_to(round_to(row_sum(probs), DTYPE, CASTS_ROUND) + SIGMOID_EPS, DTYPE, CASTS_ROUND)
+                    probs = round_to(probs * (1.0 / total)[:, None, None], DTYPE, CASTS_ROUND)
+            if HAS_SCALING:
+                probs = round_to(probs * scaling_factor, DTYPE, CASTS_ROUND)
             r3 = rows[:, None, None]
+            tl.store(probs_ptr + r3 * E + expert, probs.to(DTYPE), mask=ok)
             tl.store(map_ptr + r3 * E + expert, taken.to(tl.uint8), mask=ok)
-            # Zeros everywhere, then the K chosen values over them: the barrier orders the two
-            # stores of one element made by different threads.
-            tl.store(probs_ptr + r3 * E + expert, tl.zeros([BLOCK_T, BLOCK_G, BLOCK_GS], DTYPE), mask=ok)
-            tl.debug_barrier()
-            tl.store(probs_ptr + rows[:, None] * E + indices, probs.to(DTYPE), mask=top_ok)
+
+        if WRITE_SPARSE:
+            rank = tl.arange(0, KP)[None, :]
+            top_ok = row_ok[:, None] & (rank < K)
+            topk_indices = key_index(top)
+            tl.store(indices_ptr + rows[:, None] * K + rank, topk_indices, mask=top_ok)
+            if WRITE_DENSE:
+                # The same values, read back: the barrier orders the dense stores of other threads
+                # before these loads.
+                tl.debug_barrier()
+                topk_probs = tl.load(probs_ptr + rows[:, None] * E + topk_indices, mask=top_ok, other=0.0)
+            else:  # the dense formulas on the K chosen experts, [BLOCK_T, KP]
+                if SOFTMAX:
+                    if PRE_SOFTMAX:
+                        topk_probs = key_value(top, SELECT_BITS)
+                    else:
+                        chosen_exp = tl.where(rank < K, exp(key_value(top, SELECT_BITS)
+                                                            - key_value(first, SELECT_BITS)[:, None]), 0.0)
+                        topk_probs = round_to(chosen_exp * (1.0 / tl.sum(chosen_exp, 1))[:, None], DTYPE, CASTS_ROUND)
+                else:
+                    if HAS_BIAS:  # the keys hold sigmoid + bias: read the logits back (a cached row)
+                        chosen_logits = tl.load(logits_ptr + rows[:, None] * stride_t + topk_indices, mask=top_ok,
+                                                other=0.0)
+                        topk_probs = round_to(sigmoid(chosen_logits.to(tl.float32)), DTYPE, CASTS_ROUND)
+                    else:
+                        topk_probs = key_value(top, SELECT_BITS)
+                    if K > 1:
+                        topk_probs = tl.where(rank < K, topk_probs, 0.0)
+                        total = round_to(round_to(tl.sum(topk_probs, 1), DTYPE, CASTS_ROUND) + SIGMOID_EPS, DTYPE,
+                                         CASTS_ROUND)
+                        topk_probs = round_to(topk_probs * (1.0 / total)[:, None], DTYPE, CASTS_ROUND)
+                if HAS_SCALING:
+                    topk_probs = round_to(topk_probs * scaling_factor, DTYPE, CASTS_ROUND)
+            tl.store(topk_probs_ptr + rows[:, None] * K + rank, topk_probs.to(DTYPE), mask=top_ok)
 
         if COMPUTE_STATS:
             valid = row_ok
@@ -158,7 +178,7 @@ def router_forward(
                         aux_keys = all_keys
                 else:
                     aux_keys = sort_key(aux, expert, col_ok, LOGIT_BITS)
-                _, aux_kth = top_keys(aux_keys, K, KP, LOGIT_BITS)  # no bias here: logits-dtype values
+                _, _, aux_kth = top_keys(aux_keys, K, KP, LOGIT_BITS, False)  # no bias here: logits-dtype values
                 aux_kth = tl.where(valid, aux_kth, above_keys(LOGIT_BITS))
                 count_aux += (aux_keys >= aux_kth[:, None, None]).to(tl.int32)
                 count_dispatch += (keys >= valid_kth[:, None, None]).to(tl.int32)

@@ -109,27 +109,44 @@ def assert_counts_close(got, want_map, near_rows, valid):
         assert torch.equal(got.cpu(), want)
 
 
+OUTPUTS = {"both": dict(dense=True, sparse=True), "dense": dict(dense=True, sparse=False),
+           "sparse": dict(dense=False, sparse=True)}
+
+
+def kernel_selection(out, T, k):
+    """The kernel's chosen experts [T, k]: topk_indices (in selection order), else from the map."""
+    if out.topk_indices is not None:
+        return out.topk_indices.cpu().long()
+    return out.routing_map.cpu().nonzero()[:, 1].view(T, k)
+
+
+@pytest.mark.parametrize("outputs", list(OUTPUTS))
 @pytest.mark.parametrize("c", CASES)
-def test_forward_matches_reference(c, device, poisoned):
+def test_forward_matches_reference(c, outputs, device, poisoned):
     logits, bias, padding, to = make_inputs(c, seed=c["E"] * 31 + c["k"], device=device)
     out = fused_topk_router(to(logits), c["k"], expert_bias=to(bias), padding_mask=to(padding),
-                            launch=launch_for(device), **routing_kwargs(c))
-    probs, routing_map = out.probs.cpu(), out.routing_map.cpu()
-    indices, weights = out.topk_indices.cpu(), out.topk_probs.cpu()
+                            launch=launch_for(device), **OUTPUTS[outputs], **routing_kwargs(c))
+    assert (out.probs is None, out.topk_probs is None) == (not OUTPUTS[outputs]["dense"], outputs == "dense")
     ref = reference_routing(logits, c["k"], expert_bias=bias, **routing_kwargs(c))
     T, k = c["T"], c["k"]
     valid = torch.ones(T, dtype=torch.bool) if padding is None else ~padding
+    indices = kernel_selection(out, T, k)
+    selected = torch.zeros(T, c["E"], dtype=torch.bool).scatter(1, indices, True)
 
-    # Every row holds exactly k distinct choices, consistent across map, indices and weights.
-    assert torch.equal(routing_map.sum(1), torch.full((T,), k))
-    assert torch.equal(routing_map.gather(1, indices.long()), torch.ones(T, k, dtype=torch.bool))
-    assert torch.equal(weights, probs.gather(1, indices.long()))
-    # The same selection as the reference (ties toward the lower index) wherever no near-tie
-    # could flip it; elsewhere still a valid top-k of the selection scores.
+    # Every row holds exactly k distinct choices, consistent across map, indices and topk_probs.
+    assert torch.equal(selected.sum(1), torch.full((T,), k))
+    if outputs == "both":
+        assert torch.equal(out.routing_map.cpu(), selected)
+        assert torch.equal(out.topk_probs.cpu(), out.probs.cpu().gather(1, indices))
+    # The same selection as the reference (ties toward the lower index; in selection order where
+    # topk_indices tell it) wherever no near-tie could flip it; elsewhere still a valid top-k.
     near = selection_near_ties(ref, c)
-    assert torch.equal(indices[~near].long(), ref.indices[~near])
-    chosen_min = torch.where(routing_map, ref.select, torch.inf).amin(1)
-    other_max = torch.where(routing_map, -torch.inf, ref.select).amax(1)
+    if out.topk_indices is not None:
+        assert torch.equal(indices[~near], ref.indices[~near])
+    ref_selected = torch.zeros(T, c["E"], dtype=torch.bool).scatter(1, ref.indices, True)
+    assert torch.equal(selected[~near], ref_selected[~near])
+    chosen_min = torch.where(selected, ref.select, torch.inf).amin(1)
+    other_max = torch.where(selected, -torch.inf, ref.select).amax(1)
     scale = ref.select.abs().nan_to_num(posinf=0, neginf=0).amax(1).clamp(min=1)
     grouped_near = (near_tie_rows(ref.group_scores, c["group_topk"], 1e-6) if ref.group_scores is not None
                     else torch.zeros(T, dtype=torch.bool))
@@ -137,12 +154,15 @@ def test_forward_matches_reference(c, device, poisoned):
     # Probabilities of the kernel's selection.
     ref_mine = reference_routing(logits, k, expert_bias=bias, indices=indices, **routing_kwargs(c))
     rtol, atol = PROBS_TOL[c["dtype"]]
-    torch.testing.assert_close(probs.double(), ref_mine.probs, rtol=rtol, atol=atol)
+    if out.probs is not None:
+        torch.testing.assert_close(out.probs.cpu().double(), ref_mine.probs, rtol=rtol, atol=atol)
+    if out.topk_probs is not None:
+        torch.testing.assert_close(out.topk_probs.cpu().double(), ref_mine.weights, rtol=rtol, atol=atol)
 
     # Statistics over valid tokens.
     stats = out.stats
     assert int(stats.valid_tokens) == int(valid.sum())
-    assert torch.equal(stats.dispatch_counts.cpu(), (routing_map & valid[:, None]).sum(0))
+    assert torch.equal(stats.dispatch_counts.cpu(), (selected & valid[:, None]).sum(0))
     aux_map = torch.zeros(T, c["E"], dtype=torch.bool).scatter(1, ref.aux_indices, True)
     aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[aux_dtype(c)])
     assert_counts_close(stats.aux_counts, aux_map, aux_near, valid)
@@ -172,25 +192,36 @@ def test_forward_matches_megatron(c, device):
     assert_counts_close(out.stats.aux_counts, m_aux_map, aux_near, valid)
 
 
+@pytest.mark.parametrize("outputs", list(OUTPUTS))
 @pytest.mark.parametrize("c", CASES)
-def test_backward_matches_float64_autograd(c, device):
+def test_backward_matches_float64_autograd(c, outputs, device):
+    """The gradient reaching the logits from whichever outputs are used (the dense path reads the
+    chosen experts from the routing map, the sparse one from topk_indices), plus LBL and z-loss."""
     logits, bias, padding, to = make_inputs(c, seed=c["E"] * 17 + c["k"], device=device)
     g = torch.Generator().manual_seed(c["T"])
     grad_probs = torch.randn(c["T"], c["E"], generator=g).to(c["dtype"])
-    grad_weights = torch.randn(c["T"], c["k"], generator=g).to(c["dtype"])
+    grad_topk_probs = torch.randn(c["T"], c["k"], generator=g).to(c["dtype"])
     lbl = torch.randn(c["E"], generator=g) * 0.1
     z = 0.03
     x = to(logits).clone().requires_grad_()
     out = fused_topk_router(x, c["k"], expert_bias=to(bias), padding_mask=to(padding), launch=launch_for(device),
-                            lbl_grad=lambda: to(lbl), z_grad=lambda: z, **routing_kwargs(c))
-    ((out.probs * to(grad_probs)).sum() + (out.topk_probs * to(grad_weights)).sum()).backward()
+                            lbl_grad=lambda: to(lbl), z_grad=lambda: z, **OUTPUTS[outputs], **routing_kwargs(c))
+    loss = 0.0
+    if out.probs is not None:
+        loss = loss + (out.probs * to(grad_probs)).sum()
+    if out.topk_probs is not None:
+        loss = loss + (out.topk_probs * to(grad_topk_probs)).sum()
+    loss.backward()
 
     x64 = logits.double().requires_grad_()
-    ref = reference_routing(logits, c["k"], expert_bias=bias, indices=out.topk_indices.cpu(), x=x64,
+    ref = reference_routing(logits, c["k"], expert_bias=bias, indices=kernel_selection(out, c["T"], c["k"]), x=x64,
                             **routing_kwargs(c))
     valid = torch.ones(c["T"], dtype=torch.bool) if padding is None else ~padding
-    total = ((ref.probs * grad_probs.double()).sum() + (ref.weights * grad_weights.double()).sum()
-             + (ref.aux_scores[valid] * lbl.double()).sum() + z / 2 * (ref.lse[valid] ** 2).sum())
+    total = (ref.aux_scores[valid] * lbl.double()).sum() + z / 2 * (ref.lse[valid] ** 2).sum()
+    if out.probs is not None:
+        total = total + (ref.probs * grad_probs.double()).sum()
+    if out.topk_probs is not None:
+        total = total + (ref.weights * grad_topk_probs.double()).sum()
     total.backward()
     rtol, atol = GRAD_TOL[c["dtype"]]
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=rtol, atol=atol * float(x64.grad.abs().max()))
