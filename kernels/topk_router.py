@@ -150,7 +150,7 @@ class _Tiles:
     def constexprs(self) -> dict:
         return dict(G=self.groups, GS=self.group_size, BLOCK_T=self.block_t, BLOCK_G=self.block_g,
                     BLOCK_GS=self.block_gs, KP=self.kp, num_warps=self.num_warps,
-                    CASTS_ROUND=not interpreting())  # the interpreter truncates fp32 -> bf16 casts
+                    INTERPRETED=interpreting())  # its casts truncate and it has no libdevice
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:

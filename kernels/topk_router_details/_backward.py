@@ -10,7 +10,6 @@ import triton
 import triton.language as tl
 
 from moe_lbl.kernels.topk_router_details._common import (
-    LN2,
     LOG2E,
     NEG_INF,
     SIGMOID_EPS,
@@ -18,6 +17,7 @@ from moe_lbl.kernels.topk_router_details._common import (
     exp,
     expert_tile,
     load_rows,
+    log,
     row_max,
     row_sum,
     sigmoid,
@@ -79,7 +79,7 @@ def router_backward(
     HAS_GRAD_PROBS: tl.constexpr, HAS_GRAD_TOPK_PROBS: tl.constexpr, HAS_LBL: tl.constexpr, HAS_Z: tl.constexpr,
     # tiles
     BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, KP: tl.constexpr,
-    CASTS_ROUND: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
     FROM_MAP: tl.constexpr = HAS_GRAD_PROBS and not HAS_GRAD_TOPK_PROBS
@@ -100,7 +100,7 @@ def router_backward(
         shifted = tl.exp2(x * LOG2E - (row_max_x * LOG2E)[:, None, None])
         denominator = row_sum(shifted)
         softmax = shifted * (1.0 / denominator)[:, None, None]
-        lse = row_max_x + tl.log2(denominator) * LN2
+        lse = row_max_x + log(denominator, INTERPRETED)
         valid = row_ok
         if HAS_PADDING:
             valid = valid & (tl.load(padding_ptr + rows, mask=row_ok, other=1) == 0)
@@ -167,10 +167,10 @@ def router_backward(
                                            sigmoid_total[:, None], z_lse[:, None], valid[:, None],
                                            SOFTMAX, HAS_LBL, HAS_Z)
 
-        tl.store(grad_logits_ptr + r3 * E + expert, cast_to(grad, DTYPE, CASTS_ROUND), mask=ok)
+        tl.store(grad_logits_ptr + r3 * E + expert, cast_to(grad, DTYPE, INTERPRETED), mask=ok)
         if HAS_GRAD_TOPK_PROBS:
             # The chosen experts' whole gradient over the dense one just stored: the barrier
             # orders the two stores of one element made by different threads.
             tl.debug_barrier()
-            tl.store(grad_logits_ptr + rows[:, None] * E + indices, cast_to(routing_top, DTYPE, CASTS_ROUND),
+            tl.store(grad_logits_ptr + rows[:, None] * E + indices, cast_to(routing_top, DTYPE, INTERPRETED),
                      mask=top_ok)

@@ -2,6 +2,7 @@
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Globals read inside @triton.jit code must be tl.constexpr objects: the compiler refuses an
 # annotated plain float ("Cannot access global variable"), though the interpreter accepts it.
@@ -35,13 +36,13 @@ def sigmoid(x):
 
 
 @triton.jit
-def round_to(v, DTYPE: tl.constexpr, CASTS_ROUND: tl.constexpr):
+def round_to(v, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     """Round fp32 values to DTYPE (to nearest, ties to even) and back: Megatron's value there.
 
-    CASTS_ROUND: casts round to nearest (compiled code). Triton's interpreter truncates fp32 ->
-    bf16 casts, even with fp_downcast_rounding="rtne": there bf16 is rounded by hand.
+    INTERPRETED: in Triton's interpreter, which truncates fp32 -> bf16 casts (even with
+    fp_downcast_rounding="rtne"): there bf16 is rounded by hand; compiled casts round.
     """
-    if DTYPE == tl.bfloat16 and not CASTS_ROUND:
+    if DTYPE == tl.bfloat16 and INTERPRETED:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
@@ -52,12 +53,22 @@ def round_to(v, DTYPE: tl.constexpr, CASTS_ROUND: tl.constexpr):
 
 
 @triton.jit
-def cast_to(v, DTYPE: tl.constexpr, CASTS_ROUND: tl.constexpr):
+def cast_to(v, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     """fp32 values as DTYPE, rounded to nearest (a plain cast where casts round)."""
-    if CASTS_ROUND:
-        return v.to(DTYPE)
+    if INTERPRETED:
+        return round_to(v, DTYPE, INTERPRETED).to(DTYPE)
     else:
-        return round_to(v, DTYPE, CASTS_ROUND).to(DTYPE)
+        return v.to(DTYPE)
+
+
+@triton.jit
+def log(x, INTERPRETED: tl.constexpr):
+    """Natural log as one lg2 where compiled (tl.log2 is a polynomial of about 30 instructions);
+    the interpreter has no libdevice."""
+    if INTERPRETED:
+        return tl.log2(x) * LN2
+    else:
+        return libdevice.fast_log2f(x) * LN2
 
 
 @triton.jit
@@ -132,14 +143,14 @@ def key_value(key, VALUE_BITS: tl.constexpr):
 
 
 @triton.jit
-def top_keys(keys, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr, GATHER: tl.constexpr):
-    """The K largest keys of each row of a [BLOCK_T, BLOCK_G, BLOCK_GS] tile: (all of them, largest
-    first, as [BLOCK_T, KP] when GATHER (columns from K on repeat the K-th), the largest, the K-th).
+def top_keys(keys, first, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr, GATHER: tl.constexpr):
+    """The K largest keys of each row of a [BLOCK_T, BLOCK_G, BLOCK_GS] tile, given the largest
+    (`first`, row_max(keys), often at hand): (all K, largest first, as [BLOCK_T, KP] when GATHER
+    (columns from K on repeat the K-th), the K-th).
 
     Keys are unique, so each round is one masked max: the largest key below the last one.
     """
     rank = tl.arange(0, KP)[None, :]
-    first = row_max(keys)
     best = first
     chosen = first[:, None]
     if GATHER:
@@ -148,4 +159,4 @@ def top_keys(keys, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr, 
         best = row_max(tl.where(keys < best[:, None, None], keys, no_key(VALUE_BITS)))
         if GATHER:
             chosen = tl.where(rank >= r, best[:, None], chosen)
-    return chosen, first, best
+    return chosen, best

@@ -4,7 +4,6 @@ import triton
 import triton.language as tl
 
 from moe_lbl.kernels.topk_router_details._common import (
-    LN2,
     LOG2E,
     SIGMOID_EPS,
     above_keys,
@@ -13,6 +12,7 @@ from moe_lbl.kernels.topk_router_details._common import (
     key_index,
     key_value,
     load_rows,
+    log,
     no_key,
     round_to,
     row_max,
@@ -25,7 +25,7 @@ from moe_lbl.kernels.topk_router_details._common import (
 
 @triton.jit
 def _group_mask(keys, G, K: tl.constexpr, GROUP_TOPK: tl.constexpr, BLOCK_G: tl.constexpr,
-                KEY_BITS: tl.constexpr, ROUND_GROUP: tl.constexpr, DTYPE: tl.constexpr, CASTS_ROUND: tl.constexpr):
+                KEY_BITS: tl.constexpr, ROUND_GROUP: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     """Keep the keys of each row's GROUP_TOPK best groups, a group scored by the sum of its top
     K // GROUP_TOPK values (Megatron's group-limited routing); the rest become no_key."""
     group_score = tl.zeros([keys.shape[0], BLOCK_G], tl.float32)
@@ -35,7 +35,7 @@ def _group_mask(keys, G, K: tl.constexpr, GROUP_TOPK: tl.constexpr, BLOCK_G: tl.
         group_score += key_value(best, KEY_BITS)
         remaining = tl.where(remaining == best[:, :, None], no_key(KEY_BITS), remaining)
     if ROUND_GROUP:
-        group_score = round_to(group_score, DTYPE, CASTS_ROUND)
+        group_score = round_to(group_score, DTYPE, INTERPRETED)
     g2 = tl.arange(0, BLOCK_G)[None, :]
     group_keys = sort_key(group_score, g2, g2 < G, KEY_BITS)
     best = tl.max(group_keys, 1)
@@ -61,7 +61,7 @@ def router_forward(
     SEPARATE_AUX_TOPK: tl.constexpr,
     # tiles
     BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, KP: tl.constexpr,
-    CASTS_ROUND: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -76,49 +76,64 @@ def router_forward(
 
     for block in range(pid, tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
         rows, row_ok, ok, x = load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T)
-        row_max_x = row_max(x)
+        # Scores that choose the experts, as Megatron compares them, as unique sort keys. After
+        # softmax the logits themselves choose: their largest key gives the row's largest logit.
+        POST_SOFTMAX: tl.constexpr = SOFTMAX and not PRE_SOFTMAX
+        if POST_SOFTMAX:
+            all_keys = sort_key(x, expert, col_ok, SELECT_BITS)
+            first_of_all = row_max(all_keys)
+            row_max_x = key_value(first_of_all, SELECT_BITS)
+        else:
+            row_max_x = row_max(x)
         shifted = tl.exp2(x * LOG2E - (row_max_x * LOG2E)[:, None, None])
         denominator = row_sum(shifted)
         inv_denominator = 1.0 / denominator
-
-        # Scores that choose the experts, as Megatron compares them, as unique sort keys.
-        if SOFTMAX:
-            if PRE_SOFTMAX:
-                select = round_to(shifted * inv_denominator[:, None, None], DTYPE, CASTS_ROUND)
-            else:
-                select = x
-        else:
-            scores = round_to(sigmoid(x), DTYPE, CASTS_ROUND)
+        if PRE_SOFTMAX:
+            select = round_to(shifted * inv_denominator[:, None, None], DTYPE, INTERPRETED)
+            all_keys = sort_key(select, expert, col_ok, SELECT_BITS)
+        if not SOFTMAX:
+            scores = round_to(sigmoid(x), DTYPE, INTERPRETED)
             if HAS_BIAS:
-                select = scores + bias  # promoted to fp32, as in Megatron
+                all_keys = sort_key(scores + bias, expert, col_ok, SELECT_BITS)  # fp32, as in Megatron
             else:
-                select = scores
-        all_keys = sort_key(select, expert, col_ok, SELECT_BITS)
+                all_keys = sort_key(scores, expert, col_ok, SELECT_BITS)
         keys = all_keys
         if GROUP_TOPK > 0:
-            keys = _group_mask(keys, G, K, GROUP_TOPK, BLOCK_G, SELECT_BITS, not HAS_BIAS, DTYPE, CASTS_ROUND)
-        top, first, kth = top_keys(keys, K, KP, SELECT_BITS, WRITE_SPARSE)
+            keys = _group_mask(keys, G, K, GROUP_TOPK, BLOCK_G, SELECT_BITS, not HAS_BIAS, DTYPE, INTERPRETED)
+        if POST_SOFTMAX and GROUP_TOPK == 0:
+            first = first_of_all
+        else:
+            first = row_max(keys)
+        top, kth = top_keys(keys, first, K, KP, SELECT_BITS, WRITE_SPARSE)
+        valid = row_ok
+        if HAS_PADDING:
+            valid = valid & (tl.load(padding_ptr + rows, mask=row_ok, other=1) == 0)
+        if COMPUTE_STATS and not HAS_PADDING:
+            # Rows past the end choose nothing (they are never stored; normalizers are kept above 0
+            # for them): then one comparison marks the chosen experts for the map and the counts.
+            kth = tl.where(valid, kth, above_keys(SELECT_BITS))
         taken = keys >= kth[:, None, None]
 
         if WRITE_DENSE:
             # Probabilities of the chosen experts, zero elsewhere, as Megatron computes them.
             if SOFTMAX:
                 if PRE_SOFTMAX:
-                    probs = tl.where(taken, select, 0.0)
+                    probs = tl.where(taken, select, 0.0)  # the rounded softmax
                 else:  # softmax over the chosen logits, shifted by the largest chosen one
                     if GROUP_TOPK > 0:
                         chosen_exp = exp(x - key_value(first, SELECT_BITS)[:, None, None])
                     else:
                         chosen_exp = shifted  # the largest chosen logit is the row's largest
                     chosen_exp = tl.where(taken, chosen_exp, 0.0)
-                    probs = round_to(chosen_exp * (1.0 / row_sum(chosen_exp))[:, None, None], DTYPE, CASTS_ROUND)
+                    normalizer = 1.0 / tl.maximum(row_sum(chosen_exp), 1e-30)
+                    probs = round_to(chosen_exp * normalizer[:, None, None], DTYPE, INTERPRETED)
             else:
                 probs = tl.where(taken, scores, 0.0)
                 if K > 1:
-                    total = round_to(round_to(row_sum(probs), DTYPE, CASTS_ROUND) + SIGMOID_EPS, DTYPE, CASTS_ROUND)
-                    probs = round_to(probs * (1.0 / total)[:, None, None], DTYPE, CASTS_ROUND)
+                    total = round_to(round_to(row_sum(probs), DTYPE, INTERPRETED) + SIGMOID_EPS, DTYPE, INTERPRETED)
+                    probs = round_to(probs * (1.0 / tl.maximum(total, 1e-30))[:, None, None], DTYPE, INTERPRETED)
             if HAS_SCALING:
-                probs = round_to(probs * scaling_factor, DTYPE, CASTS_ROUND)
+                probs = round_to(probs * scaling_factor, DTYPE, INTERPRETED)
             r3 = rows[:, None, None]
             tl.store(probs_ptr + r3 * E + expert, probs.to(DTYPE), mask=ok)
             tl.store(map_ptr + r3 * E + expert, taken.to(tl.uint8), mask=ok)
@@ -140,51 +155,53 @@ def router_forward(
                     else:
                         chosen_exp = tl.where(rank < K, exp(key_value(top, SELECT_BITS)
                                                             - key_value(first, SELECT_BITS)[:, None]), 0.0)
-                        topk_probs = round_to(chosen_exp * (1.0 / tl.sum(chosen_exp, 1))[:, None], DTYPE, CASTS_ROUND)
+                        topk_probs = round_to(chosen_exp * (1.0 / tl.sum(chosen_exp, 1))[:, None], DTYPE, INTERPRETED)
                 else:
                     if HAS_BIAS:  # the keys hold sigmoid + bias: read the logits back (a cached row)
                         chosen_logits = tl.load(logits_ptr + rows[:, None] * stride_t + topk_indices, mask=top_ok,
                                                 other=0.0)
-                        topk_probs = round_to(sigmoid(chosen_logits.to(tl.float32)), DTYPE, CASTS_ROUND)
+                        topk_probs = round_to(sigmoid(chosen_logits.to(tl.float32)), DTYPE, INTERPRETED)
                     else:
                         topk_probs = key_value(top, SELECT_BITS)
                     if K > 1:
                         topk_probs = tl.where(rank < K, topk_probs, 0.0)
-                        total = round_to(round_to(tl.sum(topk_probs, 1), DTYPE, CASTS_ROUND) + SIGMOID_EPS, DTYPE,
-                                         CASTS_ROUND)
-                        topk_probs = round_to(topk_probs * (1.0 / total)[:, None], DTYPE, CASTS_ROUND)
+                        total = round_to(round_to(tl.sum(topk_probs, 1), DTYPE, INTERPRETED) + SIGMOID_EPS, DTYPE,
+                                         INTERPRETED)
+                        topk_probs = round_to(topk_probs * (1.0 / total)[:, None], DTYPE, INTERPRETED)
                 if HAS_SCALING:
-                    topk_probs = round_to(topk_probs * scaling_factor, DTYPE, CASTS_ROUND)
+                    topk_probs = round_to(topk_probs * scaling_factor, DTYPE, INTERPRETED)
             tl.store(topk_probs_ptr + rows[:, None] * K + rank, topk_probs.to(DTYPE), mask=top_ok)
 
         if COMPUTE_STATS:
-            valid = row_ok
+            # Padding tokens count nothing: no key reaches their threshold, their scores weigh 0.
+            counted = taken
             if HAS_PADDING:
-                valid = valid & (tl.load(padding_ptr + rows, mask=row_ok, other=1) == 0)
-            # Padding rows count nothing: no key reaches their threshold, their scores weigh 0.
-            valid_kth = tl.where(valid, kth, above_keys(SELECT_BITS))
+                counted = keys >= tl.where(valid, kth, above_keys(SELECT_BITS))[:, None, None]
             # The aux-loss scores of compute_routing_scores_for_aux_loss, their sums and top-k.
             if SOFTMAX:
                 score_sum += shifted * tl.where(valid, inv_denominator, 0.0)[:, None, None]
             else:
-                total = round_to(round_to(row_sum(scores), DTYPE, CASTS_ROUND) + SIGMOID_EPS, DTYPE, CASTS_ROUND)
-                aux = round_to(scores * (1.0 / total)[:, None, None], DTYPE, CASTS_ROUND)
+                total = round_to(round_to(row_sum(scores), DTYPE, INTERPRETED) + SIGMOID_EPS, DTYPE, INTERPRETED)
+                aux = round_to(scores * (1.0 / total)[:, None, None], DTYPE, INTERPRETED)
                 score_sum += aux * valid.to(tl.float32)[:, None, None]
             if SEPARATE_AUX_TOPK:
-                if SOFTMAX:  # softmax keeps the logits' order: rank the logits themselves
-                    if PRE_SOFTMAX:
-                        aux_keys = sort_key(x, expert, col_ok, LOGIT_BITS)
-                    else:
-                        aux_keys = all_keys
+                # No bias here: keys of logits-dtype values.
+                if POST_SOFTMAX:  # softmax keeps the logits' order: rank the logits themselves
+                    aux_keys = all_keys
+                    aux_first = first_of_all
+                elif SOFTMAX:
+                    aux_keys = sort_key(x, expert, col_ok, LOGIT_BITS)
+                    aux_first = row_max(aux_keys)
                 else:
                     aux_keys = sort_key(aux, expert, col_ok, LOGIT_BITS)
-                _, _, aux_kth = top_keys(aux_keys, K, KP, LOGIT_BITS, False)  # no bias here: logits-dtype values
+                    aux_first = row_max(aux_keys)
+                _, aux_kth = top_keys(aux_keys, aux_first, K, KP, LOGIT_BITS, False)
                 aux_kth = tl.where(valid, aux_kth, above_keys(LOGIT_BITS))
                 count_aux += (aux_keys >= aux_kth[:, None, None]).to(tl.int32)
-                count_dispatch += (keys >= valid_kth[:, None, None]).to(tl.int32)
+                count_dispatch += counted.to(tl.int32)
             else:
-                count_aux += (keys >= valid_kth[:, None, None]).to(tl.int32)
-            lse = row_max_x + tl.log2(denominator) * LN2
+                count_aux += counted.to(tl.int32)
+            lse = row_max_x + log(denominator, INTERPRETED)
             z_sum += tl.where(valid, lse * lse, 0.0)
 
     if COMPUTE_STATS:
