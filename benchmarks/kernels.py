@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Callable, Optional
 
 import torch
@@ -26,7 +27,7 @@ from benchmarks.common import card, copy_bandwidth_gbps, format_table, measure_m
 PROVIDERS = ("moe-lbl", "eager", "compiled", "te")
 OPS = ("fwd", "bwd", "both")
 COLUMNS = ["provider", "op", "score_function", "tokens", "experts", "topk", "dtype", "median_ms", "p20_ms",
-           "p80_ms", "gbps", "floor_ms", "of_floor", "speedup_vs_eager", "status", "card", "versions",
+           "p80_ms", "gbps", "floor_ms", "of_floor", "speedup_vs_eager", "first_call_s", "status", "card", "versions",
            "timestamp", "command"]
 PRESETS = {
     "tiny": dict(tokens=[256], experts=[8], topk=[2], dtypes=["fp32"]),
@@ -129,6 +130,18 @@ def bytes_moved(op: str, tokens: int, experts: int, dtype: torch.dtype) -> int:
     return {"fwd": forward, "bwd": backward, "both": forward + backward}[op]
 
 
+def _first_call_s(fn, logits, grad, k, score_function) -> float:
+    """Seconds of the first forward and backward at this shape: compiling included (Triton's
+    kernels, torch.compile's graph; from an empty cache only if Triton's cache is empty)."""
+    sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    probs, _, _, lbl, z = fn(logits, k, score_function)
+    torch.autograd.backward([probs, lbl, z], [grad, torch.ones_like(lbl), torch.ones_like(z)])
+    sync()
+    return time.perf_counter() - start
+
+
 def _timed(fn, op, logits, grad, k, score_function):
     def forward():
         return fn(logits, k, score_function)
@@ -165,9 +178,16 @@ def run(providers, ops, tokens, experts, topk, dtypes, score_function, command) 
                     eager_ms = {}
                     for provider in providers:
                         reason = availability(provider)
+                        first_call = ""
+                        if not reason:
+                            try:
+                                seconds = _first_call_s(provider_fn(provider), logits, grad, k, score_function)
+                                first_call = f"{seconds:.3f}"
+                            except Exception as error:  # the timed runs below report it
+                                first_call = f"failed: {type(error).__name__}"
                         for op in ops:
                             row = dict(common, provider=provider, op=op, tokens=num_tokens, experts=num_experts,
-                                       topk=k, dtype=dtype_name)
+                                       topk=k, dtype=dtype_name, first_call_s=first_call)
                             if reason:
                                 rows.append(dict(row, status=reason))
                                 continue
@@ -184,7 +204,7 @@ def run(providers, ops, tokens, experts, topk, dtypes, score_function, command) 
                                 row, status="ok", median_ms=f"{median:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}",
                                 gbps=f"{moved / (median * 1e-3) / 1e9:.4g}", floor_ms=f"{floor_ms:.4f}",
                                 of_floor=f"{floor_ms / median:.4g}",
-                                speedup_vs_eager=f"{eager_ms[op] / median:.2f}" if op in eager_ms else ""))
+                                speedup_vs_eager=f"{eager_ms[op] / median:.3g}" if op in eager_ms else ""))
     return rows, bandwidth
 
 
@@ -244,7 +264,7 @@ def main(argv=None) -> int:
     write_csv(os.path.join(args.out, "kernels.csv"), rows, COLUMNS)
     plot(rows, os.path.join(args.out, "kernels.png"))
     shown = ["provider", "op", "tokens", "experts", "topk", "dtype", "median_ms", "p20_ms", "p80_ms", "gbps",
-             "of_floor", "speedup_vs_eager"]
+             "of_floor", "speedup_vs_eager", "first_call_s"]
     print(f"{rows[0]['card'] if rows else card()}; copy bandwidth {bandwidth:.1f} GB/s (read + write); {versions()}")
     print(format_table([r for r in rows if r["status"] == "ok"], shown))
     for reason in sorted({(r["provider"], r["status"]) for r in rows if r["status"] != "ok"}):

@@ -28,6 +28,7 @@ def test_kernel_benchmark_accounts_for_every_provider(tmp_path):
             assert 0 < p20 <= median <= p80
             assert float(row["gbps"]) > 0 and 0 < float(row["of_floor"])
             assert float(row["speedup_vs_eager"]) > 0
+            assert float(row["first_call_s"]) > 0
         assert row["card"] and row["versions"] and row["timestamp"] and row["command"].startswith("python -m")
     assert {r["provider"] for r in rows if r["status"] == "ok"} >= {"eager", "compiled"}
     assert os.path.getsize(tmp_path / "kernels.png") > 1000
