@@ -13,7 +13,9 @@ from typing import Optional
 
 import torch
 
-SIGMOID_EPS = 1e-20
+from moe_lbl.kernels.topk_router_details._common import SIGMOID_EPS as _KERNEL_SIGMOID_EPS
+
+SIGMOID_EPS = _KERNEL_SIGMOID_EPS.value  # Megatron's renormalization epsilon, as the kernels hold it
 
 
 def _round(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -30,7 +32,7 @@ class Routing:
     group_scores: Optional[torch.Tensor]  # [T, G] for group-limited routing
     indices: torch.Tensor  # [T, k]
     probs: torch.Tensor  # [T, E] float64 (dtype-rounded values), zero outside the selection
-    weights: torch.Tensor  # [T, k]
+    topk_probs: torch.Tensor  # [T, k]: probs at indices
     aux_scores: torch.Tensor  # [T, E] scores of compute_routing_scores_for_aux_loss
     aux_indices: torch.Tensor  # [T, k]
     lse: torch.Tensor  # [T]

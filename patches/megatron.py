@@ -461,7 +461,6 @@ def _fused_routing(router, logits, padding_mask):
         padding_mask = padding_mask.reshape(-1)
     training = router.training and torch.is_grad_enabled()
     balancer = balancer_of(router)
-    balance = training and balancer.enabled
     z_coeff = None
     if training and config.moe_z_loss_coeff is not None:
         z_coeff = config.moe_z_loss_coeff / _sequence_group(router).size()
@@ -485,7 +484,7 @@ def _fused_routing(router, logits, padding_mask):
         probs, routing_map = apply_router_token_dropping(
             probs, routing_map, router_topk=router.topk, capacity_factor=config.moe_expert_capacity_factor,
             drop_policy=config.moe_token_drop_policy, pad_to_capacity=config.moe_pad_expert_input_to_capacity)
-    if balance:
+    if options["lbl_grad"] is not None:  # a balancing loss on this micro-batch
         grad_scale, report = _register_callbacks(router, stats.valid_tokens)
         handle.append(balancer.register(stats.aux_counts, stats.valid_tokens, stats.score_sums, grad_scale, report))
     if torch.is_grad_enabled() and (training or router.enable_expert_bias):

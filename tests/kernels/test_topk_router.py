@@ -157,7 +157,7 @@ def test_forward_matches_reference(c, outputs, device, poisoned):
     if out.probs is not None:
         torch.testing.assert_close(out.probs.cpu().double(), ref_mine.probs, rtol=rtol, atol=atol)
     if out.topk_probs is not None:
-        torch.testing.assert_close(out.topk_probs.cpu().double(), ref_mine.weights, rtol=rtol, atol=atol)
+        torch.testing.assert_close(out.topk_probs.cpu().double(), ref_mine.topk_probs, rtol=rtol, atol=atol)
 
     # Statistics over valid tokens.
     stats = out.stats
@@ -221,7 +221,7 @@ def test_backward_matches_float64_autograd(c, outputs, device):
     if out.probs is not None:
         total = total + (ref.probs * grad_probs.double()).sum()
     if out.topk_probs is not None:
-        total = total + (ref.weights * grad_topk_probs.double()).sum()
+        total = total + (ref.topk_probs * grad_topk_probs.double()).sum()
     total.backward()
     rtol, atol = GRAD_TOL[c["dtype"]]
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=rtol, atol=atol * float(x64.grad.abs().max()))
