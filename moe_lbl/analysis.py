@@ -62,12 +62,28 @@ class RoutingRecorder:
             data = json.load(f)
         if not isinstance(data, dict) or data.get("format") != "moe-lbl routing record":
             raise ValueError(f"{path} is not a moe-lbl routing record (written by RoutingRecorder.save)")
+        entries = data.get("entries")
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{path} holds no routing entries (record a routing with record_routing first)")
         recorder = cls()
-        for entry in data["entries"]:
+        experts = None
+        for number, entry in enumerate(entries):
+            where = f"{path}: entry {number}"
+            if not isinstance(entry, dict) or not {"domain", "layer", "counts", "tokens", "score_sum"} <= set(entry):
+                raise ValueError(f"{where} must have domain, layer, counts, tokens and score_sum")
+            counts = entry["counts"]
+            if not (isinstance(counts, list) and counts and all(type(c) is int and c >= 0 for c in counts)):
+                raise ValueError(f"{where}: counts must be a non-empty list of integers >= 0, got {counts!r:.60}")
+            if experts is not None and len(counts) != experts:
+                raise ValueError(f"{where} counts {len(counts)} experts where earlier entries count {experts}")
+            experts = len(counts)
+            if type(entry["tokens"]) is not int or entry["tokens"] < 0 or not isinstance(entry["score_sum"],
+                                                                                         (int, float)):
+                raise ValueError(f"{where}: tokens must be an integer >= 0 and score_sum a number")
             key = (entry["domain"], entry["layer"])
-            recorder.counts[key] = torch.tensor(entry["counts"], dtype=torch.int64)
+            recorder.counts[key] = torch.tensor(counts, dtype=torch.int64)
             recorder.tokens[key] = entry["tokens"]
-            recorder.score_sums[key] = entry["score_sum"]
+            recorder.score_sums[key] = float(entry["score_sum"])
         return recorder
 
     def report(self) -> str:

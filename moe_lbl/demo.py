@@ -58,6 +58,8 @@ class DemoOptions:
         check_known("domains", self.domains, DOMAINS)
         if not self.seeds:
             raise ValueError("at least one seed is needed")
+        if not (isinstance(self.coeff, (int, float)) and math.isfinite(self.coeff) and self.coeff >= 0):
+            raise ValueError(f"coeff must be a finite number >= 0, got {self.coeff}")
 
 
 @dataclass

@@ -80,6 +80,15 @@ def parse(argv: list[str], environ=os.environ) -> tuple[dict, str, list[str]]:
     else:
         args = _argument_parser().parse_args(argv)
         script, script_args = args.script, args.script_args
+    unknown = sorted(v for v in environ if v.startswith("MOE_LBL_") and v not in ENVIRONMENT.values())
+    if unknown:
+        raise UsageError(f"unknown environment variable {', '.join(unknown)}: the launcher reads "
+                         f"{', '.join(ENVIRONMENT.values())}")
+    launcher_flags = {"--" + name.replace("_", "-") for name in ENVIRONMENT}
+    for flag in {argument.split("=", 1)[0] for argument in script_args} & launcher_flags:
+        if _is_rank_zero():  # as torchrun does, arguments after the script are the script's
+            print(f"moe-lbl run: warning: {flag} comes after the script, so it goes to the script "
+                  "(launcher options go before it)", file=sys.stderr)
     options = {}
     for name, variable in ENVIRONMENT.items():
         if environ.get(variable, "") != "":

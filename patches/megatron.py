@@ -65,6 +65,13 @@ class PatchOptions:
                       self.micro_coeff, self.buffer, self.async_sync)
         if not (isinstance(self.kernels, bool) or self.kernels == "auto"):
             raise ValueError(f"kernels must be 'auto', True or False, got {self.kernels!r}")
+        if self.kernels is True:
+            from moe_lbl.kernels import interpreting
+
+            if not (torch.cuda.is_available() or interpreting()):
+                raise ValueError("kernels=True runs the fused router on CUDA, and this machine has none: "
+                                 "use kernels='auto' (fused where CUDA is) or False (or TRITON_INTERPRET=1 "
+                                 "to run the kernels on CPU, slowly)")
 
 
 def megatron_core_version() -> Optional[str]:

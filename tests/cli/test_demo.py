@@ -13,8 +13,9 @@ from moe_lbl.tiny_gpt import spawn
 pytestmark = pytest.mark.cpu_harness
 
 
-def test_training_with_dp2_reduces_loss_and_reports_balance():
-    options = DemoOptions(steps=8, micro_batches=2, seq_length=32, num_experts=8, eval_batches=1)
+def test_training_with_dp2_reduces_loss_and_reports_balance(tmp_path):
+    # out: tests write only in their temporary folders, never over a user's moe-lbl-demo/ results.
+    options = DemoOptions(steps=8, micro_batches=2, seq_length=32, num_experts=8, eval_batches=1, out=str(tmp_path))
     ranks = spawn(_train_rank, 2, options, "global", 0)
     for result in ranks:
         assert len(result.losses) == options.steps
@@ -28,6 +29,7 @@ def test_training_with_dp2_reduces_loss_and_reports_balance():
     assert ranks[0].global_max_vio == ranks[1].global_max_vio
     assert set(ranks[0].val_loss) == set(options.domains) and not ranks[1].val_loss
     assert all(0 < f <= 1 for f in ranks[0].max_frequency.values())
+    assert sorted(os.listdir(tmp_path)) == ["routing_global_seed0.json"]
 
 
 def test_two_step_demo_writes_table_heatmaps_and_wandb_runs(tmp_path):
@@ -70,10 +72,34 @@ def test_info_names_versions_and_support():
     (["--ranks", "100000"], "must not exceed this machine's"),
     (["--topk", "17"], "topk (17) must not exceed num_experts (16)"),
     (["--domains", "code", "klingon"], "unknown domains ['klingon']"),
+    (["--coeff", "-1"], "coeff must be a finite number >= 0, got -1.0"),
+    (["--coeff", "nan"], "coeff must be a finite number >= 0, got nan"),
 ])
 def test_demo_rejects_bad_arguments(args, error):
     result = moe_lbl("demo", *args)
     assert result.returncode == 2 and error in result.stderr
+
+
+@pytest.mark.parametrize("record,error", [
+    ({"format": "moe-lbl routing record", "version": 1, "entries": []}, "holds no routing entries"),
+    ({"format": "moe-lbl routing record", "version": 1,
+      "entries": [{"domain": "code", "layer": 1, "counts": "12", "tokens": 4, "score_sum": 1.0}]},
+     "entry 0: counts must be a non-empty list of integers >= 0"),
+    ({"format": "moe-lbl routing record", "version": 1,
+      "entries": [{"domain": "code", "layer": 1, "counts": [1, 2], "tokens": 3, "score_sum": 1.0},
+                  {"domain": "data", "layer": 1, "counts": [1, 2, 0], "tokens": 3, "score_sum": 1.0}]},
+     "entry 1 counts 3 experts where earlier entries count 2"),
+    ({"format": "moe-lbl routing record", "version": 1, "entries": [{"domain": "code"}]},
+     "entry 0 must have domain, layer, counts, tokens and score_sum"),
+])
+def test_analyze_names_what_is_wrong_with_a_record(tmp_path, record, error):
+    import json
+
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(record))
+    result = moe_lbl("analyze", str(path))
+    assert result.returncode == 2 and error in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
 
 
 def test_demo_without_its_extra_names_the_fix(monkeypatch, capsys):

@@ -76,12 +76,34 @@ def test_script_exit_codes_propagate(tmp_path):
     (["--scope", "batch"], {}, "unknown scope 'batch'"),
     (["--kernels", "sometimes"], {}, "--kernels must be one of"),
     ([], {"MOE_LBL_COEFF": "-1"}, "coeff must be a finite number >= 0"),
+    # A misspelled variable would otherwise be ignored, silently running the default scope.
+    ([], {"MOE_LBL_SCOP": "micro"}, "unknown environment variable MOE_LBL_SCOP: the launcher reads MOE_LBL_SCOPE, "),
+    # Without CUDA the fused router cannot run: say so now, not at the first forward.
+    (["--kernels", "true"], {"TRITON_INTERPRET": "0"}, "kernels=True runs the fused router on CUDA, and this "
+                                                       "machine has none"),
 ])
 def test_bad_options_fail_before_the_script_starts(tmp_path, args, env, error):
+    if "TRITON_INTERPRET" in env and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
     script, marker = write_script(tmp_path, "")
     result = launch(["-m", "moe_lbl.run", *args, "--", str(script)], env=env)
-    assert result.returncode == 2 and error in result.stderr
+    assert result.returncode == 2 and error in result.stderr, result.stderr[-2000:]
     assert not marker.exists()
+
+
+def test_launcher_flags_after_the_script_go_to_the_script_with_a_warning(tmp_path):
+    script, marker = write_script(
+        tmp_path, "from moe_lbl.patches.megatron import patch_options; print('scope', patch_options().scope)")
+    result = launch(["-m", "moe_lbl.cli", "run", str(script), "--scope", "micro", "--lr=1", "--kernels=false"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert marker.read_text() == f"{script} --scope micro --lr=1 --kernels=false"  # the script's, as torchrun does
+    assert "scope global" in result.stdout  # the launcher's default, not the script's flag
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("moe-lbl run: warning:")]
+    assert sorted(warnings) == [
+        "moe-lbl run: warning: --kernels comes after the script, so it goes to the script (launcher options go "
+        "before it)",
+        "moe-lbl run: warning: --scope comes after the script, so it goes to the script (launcher options go "
+        "before it)"]
 
 
 def test_unsupported_megatron_fails_before_the_script_starts(tmp_path, monkeypatch, capsys):
