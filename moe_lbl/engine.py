@@ -219,18 +219,20 @@ class BalanceHandle:
     prefix: list  # running sums of the step's resolved batch vectors
     sequence: _PendingSum  # summed over the sequence group
     batch: Optional[_PendingSum]  # summed over the batch group (global scope only)
-    score_sum: torch.Tensor  # [N_E] fp32: sum of this rank's balancing scores
+    score_sum: torch.Tensor  # [N_E]: sum of this rank's balancing scores (fp32, or fp64 for fp64 scores)
+    config: BalanceConfig  # the balancer's config when this micro-batch was registered
     grad_scale: Callable[[], Union[torch.Tensor, float]]
     report: Optional[Callable[[str, torch.Tensor], None]]
     reported: bool = False  # a retained graph may be back-propagated again: report once
 
     def gradient(self) -> torch.Tensor:
-        """fp32 [N_E]: d(loss)/d(score) of every valid token of this micro-batch, loss scale included.
+        """[N_E] in the dtype of score_sum: d(loss)/d(score) of every valid token of this
+        micro-batch, loss scale included.
 
         Waits for the counts if they are still in flight and reports the values the first time.
         """
         gradient = self.balancer.score_gradient(self)
-        return (gradient.float() * self.grad_scale()).float()
+        return (gradient.to(self.score_sum.dtype) * self.grad_scale()).to(self.score_sum.dtype)
 
 
 class LoadBalancer:
@@ -248,13 +250,12 @@ class LoadBalancer:
             raise TypeError(f"config must be a BalanceConfig, got {type(config).__name__}")
         if not 1 <= topk <= num_experts:
             raise ValueError(f"topk must be in [1, num_experts={num_experts}], got {topk}")
-        self.config = config
+        self.config = config  # read at each registration: coefficients may change between them
         self.serial = next(_SERIALS)  # creation order: the same on every rank, unlike id()
         self.num_experts = num_experts
         self.topk = topk
         self.sequence_group = sequence_group
         self.batch_group = batch_group
-        self._terms = config.terms()
         self._micro_batches: list[BalanceHandle] = []
         self._batch_prefix: list[torch.Tensor] = []  # running sums of resolved batch vectors
         self._loads: list[torch.Tensor] = []
@@ -262,7 +263,7 @@ class LoadBalancer:
 
     @property
     def enabled(self) -> bool:
-        return bool(self._terms)
+        return bool(self.config.terms())
 
     def attach(self, probs: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor,
                valid_tokens: Union[int, torch.Tensor],
@@ -278,8 +279,8 @@ class LoadBalancer:
         """
         if scores.dim() != 2 or scores.shape[1] != self.num_experts:
             raise ValueError(f"scores must be [tokens, {self.num_experts}], got {tuple(scores.shape)}")
-        handle = self.register(counts, valid_tokens, scores.detach().sum(dim=0, dtype=torch.float32),
-                               grad_scale, report)
+        sum_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        handle = self.register(counts, valid_tokens, scores.detach().sum(dim=0, dtype=sum_dtype), grad_scale, report)
         return _AttachLoss.apply(probs, scores, handle)
 
     def register(self, counts: torch.Tensor, valid_tokens: Union[int, torch.Tensor], score_sum: torch.Tensor,
@@ -304,7 +305,8 @@ class LoadBalancer:
             sequence=_PendingSum(self.serial, local, self.sequence_group, async_op),
             batch=(_PendingSum(self.serial, local, self.batch_group, async_op)
                    if self.config.scope == "global" else None),
-            score_sum=score_sum.detach().float(),
+            score_sum=score_sum.detach().to(torch.float64 if score_sum.dtype == torch.float64 else torch.float32),
+            config=self.config,
             grad_scale=grad_scale,
             report=report,
         )
@@ -340,7 +342,7 @@ class LoadBalancer:
 
     def _pooled(self, handle: BalanceHandle) -> torch.Tensor:
         """Counts and tokens that define f for the global term of this micro-batch."""
-        if not self.config.buffer:
+        if not handle.config.buffer:
             return handle.batch.get()
         prefix = handle.prefix
         while len(prefix) <= handle.index:
@@ -358,12 +360,12 @@ class LoadBalancer:
         sequence = handle.sequence.get()
         scale = self.num_experts / sequence[-1].clamp(min=1).double()  # N_E / T over the sequence group
         gradient = torch.zeros(self.num_experts, dtype=torch.float64, device=sequence.device)
-        for name, coeff, pooled in self._terms:
+        for name, coeff, pooled in handle.config.terms():
             totals = self._pooled(handle) if pooled else sequence
             f = totals[:-1].double() / (self.topk * totals[-1].clamp(min=1).double())
             gradient += (coeff * scale) * f
             if handle.report is not None and not handle.reported:
-                handle.report(name, (scale * (f * handle.score_sum.double()).sum()).float())
+                handle.report(name, (scale * (f * handle.score_sum.double()).sum()).to(handle.score_sum.dtype))
         handle.reported = True
         return gradient
 

@@ -257,7 +257,11 @@ def _num_layers(config) -> int:
 
 
 def balancer_of(router) -> LoadBalancer:
-    """The router's engine, built on first use from its config and the patch options."""
+    """The router's engine, built on first use from its config and the patch options.
+
+    Its balance config is resolved again at every call: Megatron reads moe_aux_loss_coeff (and
+    the balancing types) at every forward, so a coefficient schedule works patched as unpatched.
+    """
     balancer = getattr(router, _BALANCER, None)
     if balancer is None:
         if _patch is None:
@@ -271,6 +275,8 @@ def balancer_of(router) -> LoadBalancer:
         )
         setattr(router, _BALANCER, balancer)
         _patch.routers.add(router)
+    elif _patch is not None:
+        balancer.config = resolve_balance_config(router.config, _patch.options)
     return balancer
 
 

@@ -109,3 +109,46 @@ def test_mismatched_flags_fail_with_a_clear_error(megatron_world, megatron_featu
     logits = torch.randn(4, 1, 8)
     with pytest.raises(ValueError, match="scope='micro'"):
         router.routing(logits)
+
+
+@pytest.mark.parametrize("first,then", [(0.01, 0.1), (0.0, 1.0)])
+def test_a_coefficient_changed_at_run_time_applies_as_unpatched(megatron_world, first, then):
+    """Megatron reads moe_aux_loss_coeff at every forward (a schedule; its own router test builds
+    with 0, then sets 1): micro scope must follow, micro-batch by micro-batch."""
+    logits, padding, weight = random_case(9, 2, 8, 0, seed=5)
+
+    def two_coefficients():
+        router = build_router(num_experts=8, topk=2, moe_aux_loss_coeff=first)
+        results = [route(router, logits, padding, weight, 1.0)]
+        router.config.moe_aux_loss_coeff = then
+        results.append(route(router, logits, padding, weight, 1.0))
+        return results
+
+    want = two_coefficients()
+    moe_lbl.patch_megatron(scope="micro")
+    got = two_coefficients()
+    assert not torch.allclose(want[0][2], want[1][2])  # the change matters to the gradient
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g[2], w[2], rtol=1e-6, atol=1e-9)
+        for name in g[3].keys() | w[3].keys():  # an entry a run never wrote reads as zero
+            zero = torch.zeros(1)
+            torch.testing.assert_close(g[3].get(name, zero), w[3].get(name, zero), rtol=1e-6, atol=0)
+
+
+def test_fp64_routing_keeps_the_loss_in_fp64(megatron_world, megatron_features):
+    """With moe_router_dtype='fp64' Megatron's sigmoid scores, and so its aux loss, are fp64 (its
+    softmax scores are fp32 whatever the logits): so is the patch's loss (an fp32 score sum or
+    gradient would be off by an fp32 rounding, about 1e-7)."""
+    if not hasattr(build_router().config, "moe_router_dtype"):
+        pytest.skip(f"megatron-core {megatron_features.version} has no moe_router_dtype")
+    logits, padding, weight = random_case(13, 3, 8, 0, seed=11)
+    logits, weight = logits.double(), weight.double()
+    kwargs = dict(num_experts=8, topk=2, moe_aux_loss_coeff=0.3, moe_router_dtype="fp64",
+                  moe_router_score_function="sigmoid")
+    want = route(build_router(**kwargs), logits, padding, weight, loss_scale=0.5)
+    moe_lbl.patch_megatron(scope="micro")
+    got = route(build_router(**kwargs), logits, padding, weight, loss_scale=0.5)
+    assert got[2].dtype == want[2].dtype == torch.float64
+    torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-15)
+    # The tracker stores fp32: both fp64 values round to the same one.
+    torch.testing.assert_close(got[3]["load_balancing_loss"], want[3]["load_balancing_loss"], rtol=0, atol=0)
