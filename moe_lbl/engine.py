@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -121,6 +122,15 @@ class BalanceConfig:
         else:
             terms = ((GLOBAL_LOSS_NAME, self.coeff, True), (MICRO_LOSS_NAME, self.micro_coeff, False))
         return tuple(t for t in terms if t[1] > 0)
+
+
+_WARNED: set = set()
+
+
+def _warn_once(kind: str, message: str) -> None:
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        warnings.warn(message, stacklevel=3)
 
 
 def group_size(group) -> int:
@@ -209,20 +219,39 @@ def _bucket(group) -> _CountBucket:
     return _BUCKETS[group]
 
 
+# A layer registering more micro-batches than this without a step reset is not resetting: a loop
+# without Megatron's finalize_model_grads that does not call end_step (moe_lbl.end_step(model)).
+MAX_STEP_MICRO_BATCHES = 1024
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass (activation checkpointing recomputes there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class _Step:
+    """One optimizer step of one layer: its micro-batches in registration order, and the summed
+    batch vectors of those back-propagated so far (which define the buffered global batch)."""
+
+    handles: list
+    pooled: Optional[torch.Tensor] = None
+
+
 @dataclass
 class BalanceHandle:
     """One registered micro-batch of one layer."""
 
     balancer: "LoadBalancer"
-    index: int
-    step: list  # the handles of its optimizer step, in registration order
-    prefix: list  # running sums of the step's resolved batch vectors
+    step: _Step
     sequence: _PendingSum  # summed over the sequence group
     batch: Optional[_PendingSum]  # summed over the batch group (global scope only)
     score_sum: torch.Tensor  # [N_E]: sum of this rank's balancing scores (fp32, or fp64 for fp64 scores)
     config: BalanceConfig  # the balancer's config when this micro-batch was registered
     grad_scale: Callable[[], Union[torch.Tensor, float]]
     report: Optional[Callable[[str, torch.Tensor], None]]
+    pooled: Optional[torch.Tensor] = None  # the buffered global batch that defines f, once back-propagated
+    backpropagated: bool = False
     reported: bool = False  # a retained graph may be back-propagated again: report once
 
     def gradient(self) -> torch.Tensor:
@@ -256,9 +285,9 @@ class LoadBalancer:
         self.topk = topk
         self.sequence_group = sequence_group
         self.batch_group = batch_group
-        self._micro_batches: list[BalanceHandle] = []
-        self._batch_prefix: list[torch.Tensor] = []  # running sums of resolved batch vectors
+        self._step = _Step([])
         self._loads: list[torch.Tensor] = []
+        self._forward_loads: list[int] = []  # loads recorded outside backward, not yet recomputed
         self.last_step_loads: list[torch.Tensor] = []
 
     @property
@@ -296,12 +325,24 @@ class LoadBalancer:
                              f"got {tuple(counts.shape)} and {tuple(score_sum.shape)}")
         tokens = torch.as_tensor(valid_tokens, dtype=torch.int64, device=counts.device).reshape(1)
         local = torch.cat([counts.to(torch.int64), tokens])  # one collective carries counts and tokens
+        if _in_backward():
+            # Activation checkpointing recomputing a forward: non-reentrant checkpointing had
+            # registered it already (the same statistics, not yet back-propagated); reentrant
+            # checkpointing ran the first forward without gradients, and registers it now.
+            for earlier in self._step.handles:
+                if (not earlier.backpropagated and torch.equal(earlier.sequence.local, local)
+                        and torch.equal(earlier.score_sum, score_sum.detach().to(earlier.score_sum.dtype))):
+                    return earlier
+        if len(self._step.handles) >= MAX_STEP_MICRO_BATCHES:
+            _warn_once("growing step", f"moe-lbl: a layer registered {MAX_STEP_MICRO_BATCHES} micro-batches without "
+                       "a step reset, so its global batch would grow without end; moe-lbl closes the step now. A "
+                       "training loop without Megatron's finalize_model_grads must call moe_lbl.end_step(model) "
+                       "after each optimizer step")
+            self.end_step()
         async_op = self.config.async_sync
         handle = BalanceHandle(
             balancer=self,
-            index=len(self._micro_batches),
-            step=self._micro_batches,
-            prefix=self._batch_prefix,
+            step=self._step,
             sequence=_PendingSum(self.serial, local, self.sequence_group, async_op),
             batch=(_PendingSum(self.serial, local, self.batch_group, async_op)
                    if self.config.scope == "global" else None),
@@ -310,47 +351,68 @@ class LoadBalancer:
             grad_scale=grad_scale,
             report=report,
         )
-        self._micro_batches.append(handle)
+        self._step.handles.append(handle)
         return handle
 
     def record_load(self, tokens_per_expert: torch.Tensor) -> None:
-        """Record this rank's dispatched tokens per expert of one micro-batch, for the metrics."""
-        self._loads.append(tokens_per_expert.detach().to(torch.int64))
+        """Record this rank's dispatched tokens per expert of one micro-batch, for the metrics
+        (once: a recomputation in backward of a forward recorded before is not recorded again)."""
+        load = tokens_per_expert.detach().to(torch.int64)
+        if _in_backward():
+            for position, index in enumerate(self._forward_loads):
+                if torch.equal(self._loads[index], load):
+                    del self._forward_loads[position]
+                    return
+        else:
+            self._forward_loads.append(len(self._loads))
+        self._loads.append(load)
 
     def end_step(self) -> None:
         """Close the optimizer step: empty the buffer, keep the step's loads for the metrics.
 
         A step that recorded nothing (a second reset, an evaluation-only step) changes nothing.
         """
-        if not self._micro_batches and not self._loads:
+        handles = self._step.handles
+        if not handles and not self._loads:
             return
-        for handle in self._micro_batches:  # never leave a collective in flight
+        for handle in handles:  # never leave a collective in flight
             handle.sequence.get()
             if handle.batch is not None:
                 handle.batch.get()
-        # New lists, not cleared ones: a handle of the closed step (a graph back-propagated
+        skipped = sum(1 for h in handles if h.batch is not None and not h.backpropagated)
+        if skipped:
+            _warn_once("not back-propagated", f"moe-lbl: {skipped} of the {len(handles)} micro-batches a layer "
+                       "registered in this step were never back-propagated (a forward pass in training mode with "
+                       "gradients enabled, such as an evaluation); they were left out of the global batch. Run "
+                       "such passes under torch.no_grad() or after model.eval()")
+        # A new step, not a cleared one: a handle of the closed step (a graph back-propagated
         # again) keeps reading its own step.
-        self._micro_batches = []
-        self._batch_prefix = []
+        self._step = _Step([])
         self.last_step_loads = self._loads
         self._loads = []
+        self._forward_loads = []
 
     @property
     def buffered_counts(self) -> Optional[torch.Tensor]:
-        """Global counts and tokens accumulated so far this step (resolved micro-batches only)."""
-        return self._batch_prefix[-1] if self._batch_prefix else None
+        """Global counts and tokens of this step's micro-batches back-propagated so far."""
+        return self._step.pooled
 
     def _pooled(self, handle: BalanceHandle) -> torch.Tensor:
-        """Counts and tokens that define f for the global term of this micro-batch."""
+        """Counts and tokens that define f for the global term of this micro-batch.
+
+        With the buffer: this micro-batch's and those of its step back-propagated before it.
+        Only back-propagated micro-batches make up the global batch; every Megatron schedule
+        back-propagates a layer's micro-batches in forward order, so that is the prefix of the
+        paper's Alg. 1.
+        """
         if not handle.config.buffer:
             return handle.batch.get()
-        prefix = handle.prefix
-        while len(prefix) <= handle.index:
-            vector = handle.step[len(prefix)].batch.get()
-            if prefix:
-                vector = prefix[-1] + vector
-            prefix.append(vector)
-        return prefix[handle.index]
+        if handle.pooled is None:
+            vector = handle.batch.get()
+            step = handle.step
+            handle.pooled = vector if step.pooled is None else step.pooled + vector
+            step.pooled = handle.pooled
+        return handle.pooled
 
     def score_gradient(self, handle: BalanceHandle) -> torch.Tensor:
         """d loss / d s_t,i for every valid local token (the same for all tokens), unscaled.
@@ -358,6 +420,7 @@ class LoadBalancer:
         Also reports each term's value divided by its coefficient, the first time.
         """
         sequence = handle.sequence.get()
+        handle.backpropagated = True
         scale = self.num_experts / sequence[-1].clamp(min=1).double()  # N_E / T over the sequence group
         gradient = torch.zeros(self.num_experts, dtype=torch.float64, device=sequence.device)
         for name, coeff, pooled in handle.config.terms():

@@ -105,3 +105,50 @@ def test_a_handle_of_a_closed_step_keeps_its_own_counts():
     f = (counts[0] + counts[1]).double() / (1 * 10)  # k = 1, 10 tokens
     want = 0.01 * 4 / 5 * f  # d loss / d score = coeff * N_E / T * f for every token
     torch.testing.assert_close(scores[1].grad, want.float().expand(5, 4))
+
+
+def attach_one(balancer, counts, tokens=5, num_experts=4):
+    scores = torch.softmax(torch.randn(tokens, num_experts), -1).requires_grad_()
+    out = balancer.attach(torch.zeros(tokens, num_experts, requires_grad=True), scores, counts, tokens, lambda: 1.0)
+    return scores, out
+
+
+def test_only_back_propagated_micro_batches_make_up_the_global_batch():
+    """A forward in training mode that is never back-propagated (an evaluation, a probe) must not
+    join the next micro-batches' global batch: before, it was counted (16-22% off), silently."""
+    import moe_lbl.engine as engine
+
+    engine._WARNED.discard("not back-propagated")
+    balancer = LoadBalancer(BalanceConfig("global", coeff=0.01), num_experts=4, topk=1)
+    counts = [torch.tensor([5, 0, 0, 0]), torch.tensor([0, 0, 5, 0]), torch.tensor([0, 5, 0, 0])]
+    attach_one(balancer, counts[0])  # an evaluation pass: forward only
+    grads = []
+    for c in counts[1:]:
+        scores, out = attach_one(balancer, c)
+        out.sum().backward()
+        grads.append(scores.grad[0])
+    f1 = counts[1].double() / 5
+    f2 = (counts[1] + counts[2]).double() / 10
+    torch.testing.assert_close(grads[0], (0.01 * 4 / 5 * f1).float())
+    torch.testing.assert_close(grads[1], (0.01 * 4 / 5 * f2).float())
+    assert torch.equal(balancer.buffered_counts, torch.cat([counts[1] + counts[2], torch.tensor([10])]))
+    with pytest.warns(UserWarning, match="1 of the 3 micro-batches a layer registered in this step were never "
+                                         "back-propagated .* torch.no_grad"):
+        balancer.end_step()
+
+
+def test_a_step_that_never_resets_is_closed_with_a_warning(monkeypatch):
+    """A loop that never calls finalize_model_grads (or end_step): the global batch must not
+    silently become the whole run."""
+    import moe_lbl.engine as engine
+
+    engine._WARNED.discard("growing step")
+    monkeypatch.setattr(engine, "MAX_STEP_MICRO_BATCHES", 3)
+    balancer = LoadBalancer(BalanceConfig("global", coeff=0.01), num_experts=4, topk=1)
+    for _ in range(3):
+        attach_one(balancer, torch.tensor([5, 0, 0, 0]))[1].sum().backward()
+    assert int(balancer.buffered_counts[-1]) == 15
+    with pytest.warns(UserWarning, match="registered 3 micro-batches without a step reset.*moe_lbl.end_step"):
+        attach_one(balancer, torch.tensor([0, 5, 0, 0]))[1].sum().backward()
+    assert torch.equal(balancer.buffered_counts, torch.tensor([0, 5, 0, 0, 5]))  # a new step began
+    assert len(balancer.last_step_loads) == 0 and len(balancer._step.handles) == 1

@@ -37,6 +37,56 @@ def test_counts_are_not_doubled_under_recompute(megatron_world, recompute):
         assert int(recomputed[-1]) == num_tokens and int(recomputed[:-1].sum()) == spec.topk * num_tokens
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_torch_checkpointing_registers_each_micro_batch_once(megatron_world, reentrant):
+    """torch.utils.checkpoint recomputes the router in backward: non-reentrant checkpointing had
+    registered the micro-batch in forward already (registered twice, the second micro-batch's
+    gradient was about 6% off); reentrant checkpointing registers it only then."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from torch.utils.checkpoint import checkpoint
+
+    from moe_lbl.patches.megatron import balancer_of
+
+    g = torch.Generator().manual_seed(4)
+    logits = [torch.randn(10, 2, 8, generator=g) for _ in range(2)]
+    weight = torch.randn(20, 8, generator=g)
+
+    def run(checkpointed):
+        moe_lbl.patch_megatron(scope="global")
+        router = build_router(num_experts=8, topk=2, moe_aux_loss_coeff=0.1)
+        grads = []
+        for x in logits:
+            x = x.clone().requires_grad_()
+            MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([1.0]))
+            if checkpointed:
+                probs, _ = checkpoint(router.routing, x, use_reentrant=reentrant)
+            else:
+                probs, _ = router.routing(x)
+            (probs * weight).sum().backward()
+            grads.append(x.grad)
+        balancer = balancer_of(router)
+        result = grads, balancer.buffered_counts.clone(), len(balancer._step.handles), len(balancer._loads)
+        moe_lbl.unpatch_megatron()
+        return result
+
+    plain, checkpointed = run(False), run(True)
+    for a, b in zip(plain[0], checkpointed[0]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    assert torch.equal(checkpointed[1], plain[1]) and checkpointed[2:] == plain[2:] == (2, 2)
+
+
+def test_end_step_closes_the_step_of_a_loop_without_finalize_model_grads(megatron_world):
+    moe_lbl.patch_megatron(scope="global")
+    spec = TinyGPT()
+    model, _ = build_gpt(spec)
+    for step in range(2):
+        forward_loss(model, one_micro_batch(spec, seed=step)).backward()
+        balancers = [b for _, b in moe_lbl.iter_balancers(model)]
+        assert all(int(b.buffered_counts[-1]) == one_micro_batch(spec).tokens.numel() for b in balancers)
+        moe_lbl.end_step(model)
+        assert all(b.buffered_counts is None and len(b.last_step_loads) == 1 for b in balancers)
+
+
 @pytest.mark.parametrize("balancing_type", ["aux_loss", "global_aux_loss"])
 def test_buffer_is_emptied_by_finalize_model_grads(megatron_world, megatron_features, balancing_type):
     if balancing_type == "global_aux_loss" and not megatron_features.global_aux_loss:
