@@ -42,6 +42,7 @@ Naming convention (one meaning per word, in the code, the docs and the tests):
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
 import warnings
@@ -137,25 +138,43 @@ def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+# How long a rank waits for a count sum before it raises. Gloo honours it; with NCCL the wait is
+# on the GPU stream and NCCL's own watchdog bounds it.
+SYNC_TIMEOUT = datetime.timedelta(minutes=10)
+_TAG_STEPS = 1 << 10  # tags wrap after this many steps (t^2 summed over many ranks stays in int64)
+
+
+class MicroBatchMismatch(RuntimeError):
+    """Ranks summed counts of different micro-batches, or one waited for a sum that never came."""
+
+
 class _PendingSum:
     """A [N_E + 1] int64 vector (per-expert counts, then tokens) summed over a group.
 
     Blocking sums are reduced at once; asynchronous ones join the group's bucket and are
-    reduced together with the other layers' vectors of the same micro-batch.
+    reduced together with the other layers' vectors of the same micro-batch. The vector travels
+    with a tag of its micro-batch (step and position in the step): t and t^2 summed over n ranks
+    satisfy n * sum(t^2) == sum(t)^2 only if every rank sent the same t, so ranks that pair
+    different micro-batches find out when they read the sum, instead of using mixed counts.
     """
 
-    def __init__(self, owner: int, local: torch.Tensor, group, async_op: bool):
+    def __init__(self, owner: int, local: torch.Tensor, tag: tuple[int, int], what: str, group, async_op: bool):
         self.local = local  # this rank's vector
+        self.tag, self.what = tag, what
+        self._size = group_size(group)
+        step, index = tag
+        code = (step % _TAG_STEPS) * MAX_STEP_MICRO_BATCHES + index
+        self.sent = torch.cat([local, torch.tensor([code, code * code], dtype=local.dtype, device=local.device)])
         self._bucket = None
         self._value = local
         self._work = None
-        if group_size(group) > 1:
+        if self._size > 1:
             if async_op:
                 self._bucket = _bucket(group)
                 self._bucket.add(owner, self)
             else:
-                self._value = local.clone()
-                dist.all_reduce(self._value, group=group)
+                self._value = self.sent.clone()
+                self._work = dist.all_reduce(self._value, group=group, async_op=True)
 
     def launched(self, value: torch.Tensor, work) -> None:
         """The bucket's collective `work` will leave the sum in `value` (a view of its buffer)."""
@@ -167,8 +186,24 @@ class _PendingSum:
                 self._bucket.flush()
             self._bucket = None
         if self._work is not None:
-            self._work.wait()
+            try:
+                self._work.wait(timeout=SYNC_TIMEOUT)
+            except RuntimeError as error:
+                raise MicroBatchMismatch(
+                    f"moe-lbl: waited {SYNC_TIMEOUT.total_seconds():g} s for the other ranks' counts of {self.what}, "
+                    f"step {self.tag[0]}, micro-batch {self.tag[1]}: the ranks of a group must run the same "
+                    "micro-batches in every step (as many, and evaluation passes under torch.no_grad() or "
+                    "model.eval()), or a rank stopped") from error
             self._work = None
+            code, square = (int(v) for v in self._value[-2:])
+            if self._size * square != code * code:
+                raise MicroBatchMismatch(
+                    f"moe-lbl: ranks summed the counts of different micro-batches for {self.what}: this rank sent "
+                    f"step {self.tag[0]}, micro-batch {self.tag[1]}, the others on average micro-batch code "
+                    f"{(code - self.sent[-2].item()) / (self._size - 1):g} (step * {MAX_STEP_MICRO_BATCHES} + "
+                    "micro-batch). The ranks of a group must run the same micro-batches in every step: as many, "
+                    "with evaluation passes under torch.no_grad() or model.eval()")
+            self._value = self._value[:-2]
         return self._value
 
 
@@ -198,11 +233,11 @@ class _CountBucket:
         if not self.pending:
             return
         entries = [e for _, e in self.pending]
-        packed = torch.cat([e.local for e in entries])
+        packed = torch.cat([e.sent for e in entries])
         work = dist.all_reduce(packed, group=self.group, async_op=True)
         offset = 0
         for entry in entries:
-            size = entry.local.numel()
+            size = entry.sent.numel()
             entry.launched(packed[offset:offset + size], work)
             offset += size
         self.expected = [o for o, _ in self.pending]
@@ -274,13 +309,15 @@ class LoadBalancer:
     """
 
     def __init__(self, config: BalanceConfig, num_experts: int, topk: int,
-                 sequence_group=None, batch_group=None):
+                 sequence_group=None, batch_group=None, name: Optional[str] = None):
         if not isinstance(config, BalanceConfig):
             raise TypeError(f"config must be a BalanceConfig, got {type(config).__name__}")
         if not 1 <= topk <= num_experts:
             raise ValueError(f"topk must be in [1, num_experts={num_experts}], got {topk}")
         self.config = config  # read at each registration: coefficients may change between them
         self.serial = next(_SERIALS)  # creation order: the same on every rank, unlike id()
+        self.name = name or f"balancer {self.serial}"  # for messages
+        self._step_number = 0  # steps closed with micro-batches: the same on every rank of a group
         self.num_experts = num_experts
         self.topk = topk
         self.sequence_group = sequence_group
@@ -340,11 +377,12 @@ class LoadBalancer:
                        "after each optimizer step")
             self.end_step()
         async_op = self.config.async_sync
+        tag = (self._step_number, len(self._step.handles))
         handle = BalanceHandle(
             balancer=self,
             step=self._step,
-            sequence=_PendingSum(self.serial, local, self.sequence_group, async_op),
-            batch=(_PendingSum(self.serial, local, self.batch_group, async_op)
+            sequence=_PendingSum(self.serial, local, tag, self.name, self.sequence_group, async_op),
+            batch=(_PendingSum(self.serial, local, tag, self.name, self.batch_group, async_op)
                    if self.config.scope == "global" else None),
             score_sum=score_sum.detach().to(torch.float64 if score_sum.dtype == torch.float64 else torch.float32),
             config=self.config,
@@ -387,6 +425,8 @@ class LoadBalancer:
                        "such passes under torch.no_grad() or after model.eval()")
         # A new step, not a cleared one: a handle of the closed step (a graph back-propagated
         # again) keeps reading its own step.
+        if handles:
+            self._step_number += 1
         self._step = _Step([])
         self.last_step_loads = self._loads
         self._loads = []

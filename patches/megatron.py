@@ -272,6 +272,7 @@ def balancer_of(router) -> LoadBalancer:
             topk=router.topk,
             sequence_group=_sequence_group(router),
             batch_group=_batch_group(router),
+            name=f"the router of layer {router.layer_number}",
         )
         setattr(router, _BALANCER, balancer)
         _patch.routers.add(router)

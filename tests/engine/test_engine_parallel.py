@@ -101,7 +101,7 @@ def coalescing_worker(rank, world_size):
 def test_layers_share_one_all_reduce_per_micro_batch():
     results = spawn(coalescing_worker, 2)
     for calls, after_forward, _, _ in results:
-        assert calls == [3 * (NUM_EXPERTS + 1)] * 3
+        assert calls == [3 * (NUM_EXPERTS + 3)] * 3  # per layer: counts, tokens and the micro-batch tag (t, t^2)
         assert after_forward == [0, 2, 3]  # micro-batches 1 and 2 launched before their backward
     for layer in range(3):
         data = {(r, j): micro_batch(r + 2 * layer, j) for r in range(2) for j in range(3)}
