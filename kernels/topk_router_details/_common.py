@@ -80,12 +80,20 @@ def expert_tile(G, GS, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr):
 
 
 @triton.jit
-def load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T: tl.constexpr):
-    """Rows of one block and their logits in fp32 (-inf outside the experts)."""
+def load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T: tl.constexpr,
+              NAN_TO_INF: tl.constexpr = False):
+    """Rows of one block and their logits in fp32 (-inf outside the experts).
+
+    NAN_TO_INF: a NaN logit becomes +inf, ranked above every number as torch.topk ranks NaN
+    (a NaN's own sort key would rank by its sign bit, and torch's fp32 -> bf16 casts make
+    negative NaNs); the row's softmax is NaN all the same. One min instruction per element.
+    """
     rows = block * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # int64: T * E may pass 2**31
     row_ok = rows < num_tokens
     ok = row_ok[:, None, None] & col_ok
     x = tl.load(logits_ptr + rows[:, None, None] * stride_t + expert, mask=ok, other=0.0).to(tl.float32)
+    if NAN_TO_INF:
+        x = tl.minimum(x, float("inf"))  # min.f32 returns the number when one operand is NaN
     return rows, row_ok, ok, tl.where(col_ok, x, NEG_INF)
 
 

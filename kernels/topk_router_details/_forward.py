@@ -7,6 +7,7 @@ from moe_lbl.kernels.topk_router_details._common import (
     LOG2E,
     SIGMOID_EPS,
     above_keys,
+    cast_to,
     exp,
     expert_tile,
     key_index,
@@ -75,7 +76,8 @@ def router_forward(
         z_sum = tl.zeros([BLOCK_T], tl.float32)
 
     for block in range(pid, tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
-        rows, row_ok, ok, x = load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T)
+        rows, row_ok, ok, x = load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T,
+                                        NAN_TO_INF=True)
         # Scores that choose the experts, as Megatron compares them, as unique sort keys. After
         # softmax the logits themselves choose: their largest key gives the row's largest logit.
         POST_SOFTMAX: tl.constexpr = SOFTMAX and not PRE_SOFTMAX
@@ -109,13 +111,16 @@ def router_forward(
         if HAS_PADDING:
             valid = valid & (tl.load(padding_ptr + rows, mask=row_ok, other=1) == 0)
         if COMPUTE_STATS and not HAS_PADDING:
-            # Rows past the end choose nothing (they are never stored; normalizers are kept above 0
-            # for them): then one comparison marks the chosen experts for the map and the counts.
+            # Rows past the end choose nothing (they are never stored; their normalizers are 1, not
+            # 1 / 0): then one comparison marks the chosen experts for the map and the counts.
             kth = tl.where(valid, kth, above_keys(SELECT_BITS))
         taken = keys >= kth[:, None, None]
 
         if WRITE_DENSE:
-            # Probabilities of the chosen experts, zero elsewhere, as Megatron computes them.
+            # Probabilities of the chosen experts, zero elsewhere, as Megatron computes them; the
+            # last rounding to the logits dtype is the store's. Selected after the product: a NaN
+            # normalizer (a NaN or inf logit chosen) leaves the other experts at 0, as Megatron's
+            # scatter does.
             if SOFTMAX:
                 if PRE_SOFTMAX:
                     probs = tl.where(taken, select, 0.0)  # the rounded softmax
@@ -124,18 +129,18 @@ def router_forward(
                         chosen_exp = exp(x - key_value(first, SELECT_BITS)[:, None, None])
                     else:
                         chosen_exp = shifted  # the largest chosen logit is the row's largest
-                    chosen_exp = tl.where(taken, chosen_exp, 0.0)
-                    normalizer = 1.0 / tl.maximum(row_sum(chosen_exp), 1e-30)
-                    probs = round_to(chosen_exp * normalizer[:, None, None], DTYPE, INTERPRETED)
+                    normalizer = 1.0 / tl.where(row_ok, row_sum(tl.where(taken, chosen_exp, 0.0)), 1.0)
+                    probs = tl.where(taken, chosen_exp * normalizer[:, None, None], 0.0)
             else:
                 probs = tl.where(taken, scores, 0.0)
                 if K > 1:
                     total = round_to(round_to(row_sum(probs), DTYPE, INTERPRETED) + SIGMOID_EPS, DTYPE, INTERPRETED)
-                    probs = round_to(probs * (1.0 / tl.maximum(total, 1e-30))[:, None, None], DTYPE, INTERPRETED)
+                    normalizer = 1.0 / tl.where(row_ok, total, 1.0)
+                    probs = tl.where(taken, scores * normalizer[:, None, None], 0.0)
             if HAS_SCALING:
-                probs = round_to(probs * scaling_factor, DTYPE, INTERPRETED)
+                probs = round_to(probs, DTYPE, INTERPRETED) * scaling_factor
             r3 = rows[:, None, None]
-            tl.store(probs_ptr + r3 * E + expert, probs.to(DTYPE), mask=ok)
+            tl.store(probs_ptr + r3 * E + expert, cast_to(probs, DTYPE, INTERPRETED), mask=ok)
             tl.store(map_ptr + r3 * E + expert, taken.to(tl.uint8), mask=ok)
 
         if WRITE_SPARSE:

@@ -286,3 +286,38 @@ def test_router_replay_and_cpu_without_interpreter_are_refused(monkeypatch):
         monkeypatch.setattr(kernel_module, "interpreting", lambda: False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             fused_topk_router(torch.zeros(4, 8), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_logits_route_as_megatron_does(dtype, device, poisoned):
+    """torch.topk ranks NaN above every number: a row with a NaN logit chooses that expert, an
+    all-NaN row still chooses k experts. The kernels once skipped a NaN expert and wrote index
+    2**30 for an all-NaN row."""
+    moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 16, generator=g)
+    logits[3, 5] = float("nan")
+    logits[7] = float("nan")
+    logits[9, 2] = float("inf")
+    logits[11, 4] = float("-inf")
+    logits = logits.to(dtype)
+    for pre in (False, True) if dtype == torch.float32 else (False,):  # bf16 softmax scores tie often
+        out = fused_topk_router(logits.to(device), 4, use_pre_softmax=pre, launch=launch_for(device))
+        indices = out.topk_indices.cpu().long()
+        assert bool(((indices >= 0) & (indices < 16)).all())
+        assert torch.equal(out.routing_map.cpu().sum(1), torch.full((40,), 4))
+        m_probs, m_map = moe_utils.topk_routing_with_score_function(logits, 4, use_pre_softmax=pre)
+        selection = torch.softmax(logits.float(), -1) if pre else logits.float()
+        tied = selection.isnan().all(1)  # all NaN: any 4 experts are Megatron's choice
+        assert int(tied.sum()) == (3 if pre else 1)  # rows 3 and 9 have NaN softmax scores
+        finite = torch.isfinite(selection).all(1)
+        tied |= finite & near_tie_rows(selection, 4, 0.0)  # exact ties among numbers (bf16 has some)
+        assert torch.equal(out.routing_map.cpu()[~tied], m_map[~tied])
+        if not pre:
+            assert bool(out.routing_map[3, 5]) and not bool(out.routing_map[11, 4])
+        # NaN where Megatron has NaN, the same values elsewhere.
+        probs = out.probs.cpu().float()
+        assert torch.equal(probs.isnan()[~tied], m_probs.float().isnan()[~tied])
+        numbers = ~m_probs.float().isnan() & ~tied[:, None]
+        torch.testing.assert_close(probs[numbers], m_probs.float()[numbers], **dict(zip(("rtol", "atol"),
+                                                                                     PROBS_TOL[dtype])))
