@@ -34,7 +34,8 @@ def micro_batch(rank, j, padding_mask=True):
     g = torch.Generator().manual_seed(1000 * rank + j)
     logits = torch.randn(seq, batch, NUM_EXPERTS, generator=g)
     padding = torch.zeros(seq * batch, dtype=torch.bool)
-    padding[torch.randperm(seq * batch, generator=g)[:PADDING[rank, j] if padding_mask else 0]] = True
+    num_padding = PADDING[rank, j % NUM_MICRO_BATCHES] if padding_mask else 0  # later steps: the same counts
+    padding[torch.randperm(seq * batch, generator=g)[:num_padding]] = True
     return logits, padding.view(seq, batch)
 
 
@@ -66,6 +67,7 @@ def rank_worker(rank, world_size):
         balancer_of(router).end_step()
         moe_lbl.unpatch_megatron()
         results[name] = (grads, logged)
+    results["two-steps"] = two_steps(rank, found)
     if not found.padding_mask:
         return results
     # Megatron-Core's own global_aux_loss, unpatched, on the first micro-batch (NVIDIA/Megatron-LM #3672).
@@ -79,12 +81,42 @@ def rank_worker(rank, world_size):
     return results
 
 
-def expected(options, padding_mask):
+def two_steps(rank, found):
+    """Two optimizer steps of global balance, closed by moe_lbl.end_step; per step: the logits
+    gradients, the dispatched loads of each micro-batch and the layer's balance metrics."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    import moe_lbl
+    from moe_lbl.metrics import layer_balance
+    from moe_lbl.patches.megatron import balancer_of
+    from tests.helpers.megatron import build_router
+
+    moe_lbl.patch_megatron(scope="global")
+    router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF)
+    steps = []
+    for step in range(2):
+        grads, loads = [], []
+        for j in range(NUM_MICRO_BATCHES):
+            logits, padding = micro_batch(rank, NUM_MICRO_BATCHES * step + j, found.padding_mask)
+            logits.requires_grad_()
+            MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / NUM_MICRO_BATCHES)
+            kwargs = {"padding_mask": padding} if found.padding_mask else {}
+            probs, routing_map = router.routing(logits, **kwargs)
+            (probs * 0).sum().backward()
+            grads.append(logits.grad.view(-1, NUM_EXPERTS))
+            loads.append((routing_map & ~padding.reshape(-1, 1)).sum(0))
+        moe_lbl.end_step(router)
+        steps.append((grads, loads, layer_balance(router.layer_number, balancer_of(router))))
+    moe_lbl.unpatch_megatron()
+    return steps
+
+
+def expected(options, padding_mask, step=0):
     """Per (rank, micro-batch): float64 logits gradient and logged values from the formulas."""
     data = {}
     for r in SHAPES:
         for j in range(NUM_MICRO_BATCHES):
-            logits, padding = micro_batch(r, j, padding_mask)
+            logits, padding = micro_batch(r, NUM_MICRO_BATCHES * step + j, padding_mask)
             data[r, j] = (logits.view(-1, NUM_EXPERTS), padding.reshape(-1))
     config = BalanceConfig(**{"coeff": COEFF, **{k: v for k, v in options.items() if k != "kernels"}})
     return reference_losses(data, config, NUM_EXPERTS, TOPK, loss_scale=1.0 / NUM_MICRO_BATCHES)
@@ -128,3 +160,32 @@ def test_megatron_global_aux_loss_gradient_is_too_small_by_global_over_local_tok
     for r, result in enumerate(ranks):
         torch.testing.assert_close(result["megatron-global-aux-loss"] * (total / tokens[r]),
                                    result["global"][0][0], rtol=1e-5, atol=1e-8)
+
+
+def test_two_steps_of_global_balance_match_the_formulas_step_by_step(ranks):
+    """Each step's global batch is its own (the buffer resets between steps): every micro-batch
+    of both steps matches the float64 formulas of its step, and global differs from micro."""
+    found = ranks[0]["features"]
+    for step in range(2):
+        want = expected(VARIANTS["global"], found.padding_mask, step)
+        micro = expected(VARIANTS["micro"], found.padding_mask, step)
+        for r, result in enumerate(ranks):
+            for j in range(NUM_MICRO_BATCHES):
+                grad = result["two-steps"][step][0][j].double()
+                torch.testing.assert_close(grad, want[r, j][0], rtol=1e-5, atol=1e-8)
+                assert not torch.allclose(grad, micro[r, j][0], rtol=1e-3)
+
+
+def test_balance_metrics_agree_across_ranks_with_a_direct_computation(ranks):
+    from moe_lbl.metrics import max_violation
+
+    for step in range(2):
+        loads = {(r, j): result["two-steps"][step][1][j] for r, result in enumerate(ranks)
+                 for j in range(NUM_MICRO_BATCHES)}
+        total = sum(loads.values())
+        micro = sum(float(max_violation(load)) for load in loads.values()) / len(loads)
+        for result in ranks:  # a collective: every rank holds the same, whole-batch values
+            balance = result["two-steps"][step][2]
+            assert balance.tokens_per_expert == tuple(int(x) for x in total)
+            assert balance.global_max_vio == pytest.approx(float(max_violation(total)), rel=1e-12)
+            assert balance.micro_max_vio == pytest.approx(micro, rel=1e-12)
