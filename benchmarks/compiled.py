@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from benchmarks.common import format_table, timestamp, versions, write_csv  # noqa: E402
-from moe_lbl.kernels import aot, fused_topk_router  # noqa: E402
+from moe_lbl.kernels import aot, fused_topk_router, launcher  # noqa: E402
 
 TOKENS = 65536
 H100_ISSUE_PER_S = 132 * 4 * 1.98e9  # warp-instructions per second, one per scheduler per clock
@@ -99,12 +99,11 @@ CONFIGS = [
 
 
 def resident_warps(sm: int, registers: int, warps: int, shared: int) -> int:
-    """Warps of this kernel resident on one SM (register allocation: 8 per thread, 256 per warp)."""
-    regs_per_sm, max_warps, max_ctas, shared_per_sm = SM_LIMITS[sm]
-    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    ctas = min(max_ctas, max_warps // warps, regs_per_sm // (regs_per_warp * warps),
-               shared_per_sm // shared if shared else max_ctas)
-    return ctas * warps
+    """Warps of this kernel resident on one SM of the target."""
+    registers_per_sm, max_warps, max_ctas, shared_per_sm = SM_LIMITS[sm]
+    return warps * launcher.resident_ctas(registers, warps, shared, registers_per_sm=registers_per_sm,
+                                          shared_per_sm=shared_per_sm, threads_per_sm=32 * max_warps,
+                                          max_ctas=max_ctas)
 
 
 _INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", re.MULTILINE)

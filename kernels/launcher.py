@@ -60,10 +60,10 @@ def capture() -> Iterator[list[KernelLaunch]]:
 
 
 def resident_ctas(registers: int, num_warps: int, shared: int, *, registers_per_sm: int, shared_per_sm: int,
-                  threads_per_sm: int) -> int:
+                  threads_per_sm: int, max_ctas: int = 32) -> int:
     """CTAs of one kernel that an SM holds at once (registers are allocated 256 per warp)."""
     registers_per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    ctas = min(registers_per_sm // (registers_per_warp * num_warps), threads_per_sm // (32 * num_warps))
+    ctas = min(registers_per_sm // (registers_per_warp * num_warps), threads_per_sm // (32 * num_warps), max_ctas)
     if shared:
         ctas = min(ctas, shared_per_sm // shared)
     return max(1, ctas)
