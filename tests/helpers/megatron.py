@@ -5,8 +5,9 @@ from __future__ import annotations
 import inspect
 
 
-def build_router(num_experts: int = 8, topk: int = 2, **overrides):
-    """A training-mode TopKRouter (layer 1 of 1) on Megatron's default process groups."""
+def build_router(num_experts: int = 8, topk: int = 2, is_mtp_layer: bool = False, **overrides):
+    """A training-mode TopKRouter (layer 1 of 1; an MTP layer's router with is_mtp_layer, 0.17+)
+    on Megatron's default process groups."""
     from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -19,7 +20,8 @@ def build_router(num_experts: int = 8, topk: int = 2, **overrides):
     if "pg_collection" in parameters:  # 0.15+
         from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-        router = TopKRouter(config, pg_collection=get_default_pg_collection())
+        mtp = {"is_mtp_layer": True} if is_mtp_layer else {}
+        router = TopKRouter(config, pg_collection=get_default_pg_collection(), **mtp)
     elif "model_comm_pgs" in parameters:  # 0.13, 0.14
         from megatron.core.process_groups_config import ModelCommProcessGroups
 
