@@ -49,6 +49,10 @@ _PIP_NOTE = "; on Python 3.11 add --ignore-requires-python"
 
 _FINALIZE_MODULE = "megatron.core.distributed.finalize_model_grads"
 _DDP_MODULE = "megatron.core.distributed.distributed_data_parallel"
+_LOGGING_MODULE = "megatron.core.transformer.moe.moe_logging"
+# The balance metrics Megatron's training log (and its TensorBoard and wandb writers) shows beside
+# the losses (0.18+): per-layer-averaged MaxVio of the micro-batches and of the global batch.
+MAX_VIO_NAMES = ("micro_max_vio", "global_max_vio")
 
 _SENTINEL = "_moe_lbl_patch"
 _BALANCER = "_moe_lbl_balancer"
@@ -140,7 +144,7 @@ def features() -> Features:
         apply_aux_loss="_apply_aux_loss" in methods and "is_aux_loss_enabled" in methods,
         global_aux_loss="_apply_global_aux_loss" in methods,
         reset_model_temporary_tensors=hasattr(finalize, "reset_model_temporary_tensors"),
-        metrics_tracker=importlib.util.find_spec("megatron.core.transformer.moe.moe_logging") is not None,
+        metrics_tracker=importlib.util.find_spec(_LOGGING_MODULE) is not None,
         tp_cp_token_scale=Version(version).release >= (0, 19),
     )
 
@@ -162,6 +166,9 @@ def replacements(found: Optional[Features] = None) -> list[tuple[object, str, ob
         raise UnsupportedMegatronVersion(
             f"megatron-core {found.version}: TopKRouter has neither _apply_aux_loss nor "
             f"apply_load_balancing_loss; supported: megatron-core{SUPPORTED_MEGATRON}; nothing was patched")
+    if found.metrics_tracker:
+        logging = importlib.import_module(_LOGGING_MODULE)
+        points.append((logging.MoEMetricsTracker, "report", _report))
     if found.reset_model_temporary_tensors:
         finalize = importlib.import_module(_FINALIZE_MODULE)
         points.append((finalize, "reset_model_temporary_tensors", _reset_model_temporary_tensors))
@@ -604,6 +611,30 @@ def _finish_grad_sync(self, *args, **kwargs):
     result = _patch.original(ddp, "finish_grad_sync")(self, *args, **kwargs)
     _end_steps(self)
     return result
+
+
+def _report(self, loss_scale, iteration, *args, track_names=None, **kwargs):
+    """Replaces MoEMetricsTracker.report (0.18+): first records each layer's MaxVio of the last
+    step (micro-batches and global batch; a collective, as report's own reduction is) and adds
+    them to the reported names, so Megatron's log and writers show them beside the losses.
+    """
+    from moe_lbl.metrics import layer_balance
+
+    logging = importlib.import_module(_LOGGING_MODULE)
+    routers = sorted(_patch.routers, key=lambda r: getattr(r, _BALANCER).serial)  # the same order on every rank
+    for router in routers if loss_scale else []:
+        balancer = getattr(router, _BALANCER)
+        balance = layer_balance(router.layer_number, balancer)
+        if balance is not None:  # report divides by loss_scale's inverse: record value / loss_scale
+            device = balancer.last_step_loads[0].device
+            for name, value in zip(MAX_VIO_NAMES, (balance.micro_max_vio, balance.global_max_vio)):
+                self.record(name, torch.tensor(value / loss_scale, device=device), _log_layer(router),
+                            _num_layers(router.config))
+    if track_names is not None:  # every rank adds the names: report's reduction spans pipeline stages
+        track_names = [track_names] if isinstance(track_names, str) else list(track_names)
+        track_names += [name for name in MAX_VIO_NAMES if name not in track_names]
+    return _patch.original(logging.MoEMetricsTracker, "report")(
+        self, loss_scale, iteration, *args, track_names=track_names, **kwargs)
 
 
 def iter_balancers(model) -> Iterator[tuple[int, LoadBalancer]]:
