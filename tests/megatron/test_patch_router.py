@@ -171,12 +171,12 @@ def test_megatron_log_shows_max_vio_beside_the_losses(megatron_world, megatron_f
     """With the patch on, the tracker's report (what Megatron's training log, TensorBoard and wandb
     writers print, 0.18+) carries the per-layer-averaged MaxVio of the micro-batches and of the
     global batch; unpatched it has neither."""
+    if not megatron_features.metrics_tracker:
+        pytest.skip(f"megatron-core {megatron_features.version} logs without moe_logging's metrics tracker")
     from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
 
     from moe_lbl.patches.megatron import balancer_of
 
-    if not megatron_features.metrics_tracker:
-        pytest.skip(f"megatron-core {megatron_features.version} logs without moe_logging's metrics tracker")
     moe_lbl.patch_megatron(scope="global")
     router = build_router(num_experts=8, topk=2)
     for seed in (1, 2):  # two micro-batches of one step
