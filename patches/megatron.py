@@ -15,8 +15,9 @@ What it changes (and restores on unpatch), by what the installed Megatron-Core h
   DistributedDataParallel.finish_grad_sync (0.12 to 0.14), both called by finalize_model_grads.
 Megatron's own behaviour the patch follows, by version: MTP routers (0.17+) log at
 layer_number + num_layers and, when repeated, weigh their loss 1/mtp_num_layers; 0.18+ log through
-moe_logging's metrics tracker; 0.19+ scale aux and z-loss under per-token loss by the tokens of
-the whole tensor x context group (_loss_scale). Routing types that balance by themselves
+moe_logging's metrics tracker, and route 16-bit logits in fp32 (the fused kernels get fp32 logits);
+0.19+ scale aux and z-loss under per-token loss by the tokens of the whole tensor x context group
+(_loss_scale). Routing types that balance by themselves
 (sinkhorn, quantile_balancing in 0.19+) take no moe-lbl loss.
 Methods are patched on the class (router.py imports moe_utils' functions by name, so patching
 moe_utils would change nothing), guarded by a sentinel attribute. While patched, each replacement's
@@ -124,6 +125,9 @@ class Features:
     # group size, and z_loss logged averaged over tensor x data x context ranks (0.19+): a change
     # of arithmetic with no new name to detect, so it is read off the version.
     tp_cp_token_scale: bool
+    # Routing scores of 16-bit logits kept in fp32 until the final probs (0.18+; read off the
+    # version too): the fused kernels then route fp32 logits.
+    fp32_routing: bool
 
     @property
     def fused_routing(self) -> bool:
@@ -146,6 +150,7 @@ def features() -> Features:
         reset_model_temporary_tensors=hasattr(finalize, "reset_model_temporary_tensors"),
         metrics_tracker=importlib.util.find_spec(_LOGGING_MODULE) is not None,
         tp_cp_token_scale=Version(version).release >= (0, 19),
+        fp32_routing=Version(version).release >= (0, 18),
     )
 
 
@@ -470,6 +475,7 @@ def _load_failure(router, logits, padding_mask) -> Optional[str]:
 
     training = router.training and torch.is_grad_enabled()
     options = _fused_options(router, logits, padding_mask, training)
+    logits = _kernel_logits(logits)
     num_tokens = logits.numel() // router.config.num_moe_experts
     key = (logits.dtype, logits.device, num_tokens == 1, num_tokens % 16 == 0,
            *((name, value if not isinstance(value, torch.Tensor) else value.dtype)
@@ -515,7 +521,8 @@ def _fused_routing(router, logits, padding_mask):
     from moe_lbl.kernels import fused_topk_router
 
     config = router.config
-    logits = logits.view(-1, config.num_moe_experts)
+    dtype = logits.dtype
+    logits = _kernel_logits(logits.view(-1, config.num_moe_experts))
     if padding_mask is not None:
         padding_mask = padding_mask.reshape(-1)
     training = router.training and torch.is_grad_enabled()
@@ -539,7 +546,7 @@ def _fused_routing(router, logits, padding_mask):
         z_value = stats.z_sum / stats.valid_tokens.clamp(min=1)  # z_loss / coeff, as Megatron logs it
         groups = {"avg_group": _batch_group(router)} if _patch.features.tp_cp_token_scale else {}
         _track("z_loss", z_value / _mtp_repeats(router), router, **groups)
-    probs, routing_map = out.probs, out.routing_map
+    probs, routing_map = out.probs.to(dtype), out.routing_map
     if config.moe_expert_capacity_factor is not None:
         probs, routing_map = apply_router_token_dropping(
             probs, routing_map, router_topk=router.topk, capacity_factor=config.moe_expert_capacity_factor,
@@ -560,6 +567,12 @@ def _fused_routing(router, logits, padding_mask):
             with torch.no_grad():
                 router.local_tokens_per_expert += load
     return probs, routing_map
+
+
+def _kernel_logits(logits):
+    """The logits the kernels route: fp32 where Megatron routes 16-bit logits in fp32 (0.18+),
+    else as they are (the kernels round scores to the logits dtype, as Megatron did before)."""
+    return logits.float() if _patch.features.fp32_routing else logits
 
 
 def _dispatched(routing_map, padding_mask):
