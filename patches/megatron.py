@@ -12,13 +12,15 @@ What it changes (and restores on unpatch), by what the installed Megatron-Core h
   when kernels are on: automatically for CUDA logits, or forced with kernels=True;
 - the per-step reset closes every engine's step (empties the count buffer), whatever balancing
   type is configured: finalize_model_grads.reset_model_temporary_tensors (0.15+), or
-  DistributedDataParallel.finish_grad_sync (0.12 to 0.14), both called by finalize_model_grads.
+  DistributedDataParallel.finish_grad_sync (0.12 to 0.14), both called by finalize_model_grads;
+- MoEMetricsTracker.report (0.18+): adds each layer's MaxVio of the micro-batches and of the
+  global batch to what Megatron's training log and writers report.
 Megatron's own behaviour the patch follows, by version: MTP routers (0.17+) log at
 layer_number + num_layers and, when repeated, weigh their loss 1/mtp_num_layers; 0.18+ log through
-moe_logging's metrics tracker, and route 16-bit logits in fp32 (the fused kernels get fp32 logits);
+moe_logging's metrics tracker and route 16-bit logits in fp32 (the fused kernels get fp32 logits);
 0.19+ scale aux and z-loss under per-token loss by the tokens of the whole tensor x context group
-(_loss_scale). Routing types that balance by themselves
-(sinkhorn, quantile_balancing in 0.19+) take no moe-lbl loss.
+(_loss_scale). Routing types that balance by themselves (sinkhorn; quantile_balancing, 0.19+)
+take no moe-lbl loss.
 Methods are patched on the class (router.py imports moe_utils' functions by name, so patching
 moe_utils would change nothing), guarded by a sentinel attribute. While patched, each replacement's
 `__wrapped__` is the original it replaced, and its docstring says what it replaces and why.
@@ -638,7 +640,7 @@ def _report(self, loss_scale, iteration, *args, track_names=None, **kwargs):
     for router in routers if loss_scale else []:
         balancer = getattr(router, _BALANCER)
         balance = layer_balance(router.layer_number, balancer)
-        if balance is not None:  # report divides by loss_scale's inverse: record value / loss_scale
+        if balance is not None:  # report multiplies by loss_scale (1 / micro-batches): undo it
             device = balancer.last_step_loads[0].device
             for name, value in zip(MAX_VIO_NAMES, (balance.micro_max_vio, balance.global_max_vio)):
                 self.record(name, torch.tensor(value / loss_scale, device=device), _log_layer(router),
