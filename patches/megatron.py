@@ -47,8 +47,9 @@ from moe_lbl.engine import GLOBAL_LOSS_NAME, MICRO_LOSS_NAME, BalanceConfig, Loa
 SUPPORTED_MEGATRON = ">=0.12.0,<0.20.0"
 # The release CI runs the whole suite on (scripts/setup.sh installs it); error messages suggest it.
 NEWEST_TESTED_MEGATRON = "0.19.2"
-# Megatron-Core 0.17+ wheels declare Requires-Python >= 3.12; their cp311 builds run on 3.11.
-_PIP_NOTE = "; on Python 3.11 add --ignore-requires-python"
+# Megatron-Core 0.17+ wheels declare Requires-Python >= 3.12; their cp311 builds run on 3.11 (without
+# --no-deps, pip would also take dependencies built for 3.12 only).
+_PIP_NOTE = "; on Python 3.11 add --no-deps --ignore-requires-python, then pip install numpy packaging"
 
 _FINALIZE_MODULE = "megatron.core.distributed.finalize_model_grads"
 _DDP_MODULE = "megatron.core.distributed.distributed_data_parallel"
