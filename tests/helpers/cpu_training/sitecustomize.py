@@ -32,14 +32,13 @@ def _apply():
     # Router buffers, the aux-loss scale and the training loop place tensors on
     # torch.cuda.current_device().
     torch.cuda.current_device = lambda: "cpu"
-    # DDP is built under a side stream, the loop synchronizes, timers and DDP wait on streams and
-    # events: torch.cpu has no-op versions of each.
-    for name in ("Stream", "current_stream", "stream", "synchronize", "Event"):
+    # DDP is built under a side stream, the loop synchronizes, DDP waits on the current stream:
+    # torch.cpu has no-op versions of each.
+    for name in ("Stream", "current_stream", "stream", "synchronize"):
         setattr(torch.cuda, name, getattr(torch.cpu, name))
-    # Megatron moves tensors and modules with .cuda() and creates tensors with device="cuda"
-    # (the loss reductions, grad-norm, log buffers): keep them on the CPU.
+    # Megatron moves the model with .cuda() (Module.cuda calls Tensor.cuda) and creates tensors
+    # with device="cuda" (loss reductions, grad norm, log buffers): keep them on the CPU.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
     _CpuDevices().__enter__()
 
     import megatron.training.initialize as initialize
