@@ -1,83 +1,99 @@
-"""A miniature pretrain_gpt: a Megatron-Core GPT-MoE trained from Megatron's public pieces.
+"""GPT-MoE pretraining with Megatron's own training loop (megatron.training.pretrain, Megatron-Core
+0.17+ wheels): this file only provides the model, the batches and the loss, as Megatron-LM's
+pretrain_gpt.py does; every flag is Megatron's. It knows nothing of moe-lbl: launch it through
+the launcher to balance globally.
 
-It knows nothing of moe-lbl; launch it through the launcher to balance globally:
+    torchrun --nproc_per_node 8 -m moe_lbl.run --scope global -- examples/pretrain_gpt_moe.py \\
+        --num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 8 --moe-router-topk 2 \\
+        --moe-aux-loss-coeff 1e-2 --seq-length 64 --max-position-embeddings 64 --micro-batch-size 2 \\
+        --global-batch-size 32 --train-iters 100 --lr 3e-4 --mock-data --tokenizer-type NullTokenizer \\
+        --vocab-size 128 --bf16
 
-    torchrun --standalone --nproc_per_node 2 -m moe_lbl.run --scope global -- \\
-        examples/pretrain_gpt_moe.py --steps 5
-
-On CPU it uses gloo and moe-lbl's CPU step (Megatron's schedule needs CUDA); on GPUs, NCCL and
-Megatron's own forward_backward_func.
+Data: Megatron's mock dataset (--mock-data) or its indexed datasets (--data-path); batches are
+read on every rank (tensor-parallel size 1 in this sketch; pretrain_gpt.py broadcasts them).
 """
 
-import argparse
-import contextlib
-import os
+from functools import partial
 
 import torch
-import torch.distributed as dist
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--micro-batches", type=int, default=2)
-    parser.add_argument("--micro-batch-size", type=int, default=2)
-    parser.add_argument("--seq-length", type=int, default=32)
-    parser.add_argument("--num-experts", type=int, default=8)
-    parser.add_argument("--moe-router-topk", type=int, default=2)
-    parser.add_argument("--moe-router-load-balancing-type", default="aux_loss")
-    parser.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    return parser.parse_args()
+def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+    """A GPTModel with the local or TransformerEngine layer spec, as --transformer-impl says."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.training import get_args
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    args = get_args()
+    config = core_transformer_config_from_args(args) if config is None else config
+    spec = get_gpt_layer_local_spec if args.transformer_impl == "local" else get_gpt_layer_with_transformer_engine_spec
+    layer_spec = spec(num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm)
+    kwargs = {} if vp_stage is None else {"vp_stage": vp_stage}
+    if pg_collection is not None:
+        kwargs["pg_collection"] = pg_collection
+    return GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=args.padded_vocab_size,
+                    max_sequence_length=args.max_position_embeddings, pre_process=pre_process,
+                    post_process=post_process, position_embedding_type=args.position_embedding_type,
+                    **kwargs)
 
 
-def model_provider(args):
-    """The model, as Megatron's pretrain_gpt builds it from a TransformerConfig and a layer spec."""
-    from moe_lbl.tiny_gpt import TinyGPT, build_gpt
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.training import get_args, get_tokenizer
+    from megatron.training.utils import get_blend_and_blend_per_split
 
-    spec = TinyGPT(num_experts=args.num_experts, topk=args.moe_router_topk, seq_length=args.seq_length,
-                   load_balancing_type=args.moe_router_load_balancing_type, aux_loss_coeff=args.moe_aux_loss_coeff)
-    return build_gpt(spec, seed=1234), spec
+    args = get_args()
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length, blend=blend, blend_per_split=blend_per_split,
+        split=args.split, path_to_cache=args.data_cache_path, tokenizer=get_tokenizer(),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus)
+    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(dataset_type, train_val_test_num_samples, lambda: True, config).build()
 
 
-def data_iterator(args, spec, rank):
-    from moe_lbl.tiny_gpt import synthetic_batches
+def loss_func(loss_mask, output_tensor):
+    """Summed token loss and token count; Megatron's schedule divides (or, per token, it does not)."""
+    losses = output_tensor.view(-1).float()
+    loss_mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * loss_mask)
+    num_tokens = loss_mask.sum().clone().detach().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
 
-    step = 0
-    while True:
-        yield synthetic_batches(step, rank, args.micro_batches, args.micro_batch_size, args.seq_length, spec.vocab_size)
-        step += 1
+
+def forward_step(data_iterator, model, return_schedule_plan=False):
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in next(data_iterator).items() if isinstance(v, torch.Tensor)}
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
 
 
 def main():
-    args = parse_args()
-    from megatron.core import parallel_state
+    import inspect
 
-    import moe_lbl
-    from moe_lbl.patches.cpu import cpu_shims
-    from moe_lbl.tiny_gpt import train_step, wrap_ddp
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank()
-    with contextlib.nullcontext() if cuda else cpu_shims():
-        parallel_state.initialize_model_parallel()
-        (model, config), spec = model_provider(args)
-        ddp = wrap_ddp(model, config)
-        optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
-        batches = data_iterator(args, spec, rank)
-        print(f"rank {rank}: moe-lbl patched={moe_lbl.is_patched()}", flush=True)
-        for step in range(args.steps):
-            loss = train_step(ddp, optimizer, next(batches))
-            layers = moe_lbl.balance_metrics(ddp) if moe_lbl.is_patched() else []
-            if rank == 0:
-                vio = (f" max_vio micro {layers[0].micro_max_vio:.3f} global {layers[0].global_max_vio:.3f}"
-                       if layers else "")
-                print(f"step {step + 1} loss {loss:.4f}{vio}", flush=True)
-        parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    parameters = list(inspect.signature(pretrain).parameters)
+    if parameters[0] != "cfg_container":  # 0.17: pretrain parses the arguments itself
+        pretrain(train_valid_test_datasets_provider, model_provider, ModelType.encoder_or_decoder, forward_step,
+                 args_defaults={"tokenizer_type": "NullTokenizer"})
+        return
+    # 0.18+: the arguments become a configuration container first.
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(args_defaults={"tokenizer_type": "NullTokenizer"})
+    cfg = pretrain_cfg_container_from_args(args)
+    train_valid_test_datasets_provider.is_distributed = True
+    pretrain(cfg, train_valid_test_datasets_provider, model_provider=model_provider,
+             model_type=ModelType.encoder_or_decoder, forward_step_func=forward_step)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from moe_lbl.validation import check_known
 
 SCOPES = ("micro", "global")
 
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")  # Megatron-Core's (sqrtsoftplus: 0.17+)
 SIGMOID_EPS = 1e-20  # Megatron's epsilon when it normalizes sigmoid scores to sum 1
 
 # Names under which the loss values are reported; Megatron's training log knows these two.
@@ -64,14 +65,19 @@ GLOBAL_LOSS_NAME = "global_load_balancing_loss"
 
 
 def balancing_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
-    """s_t of every token, [T, N_E]: softmax over all experts, or sigmoid scores normalized to sum 1.
+    """s_t of every token, [T, N_E]: softmax over all experts, or sigmoid (sqrtsoftplus) scores
+    normalized to sum 1.
 
     What Megatron-Core's compute_routing_scores_for_aux_loss computes (0.14 and newer; older
     versions compute the same inside their routing), in the dtype of `logits`.
     """
+    check_known("score function", score_function, SCORE_FUNCTIONS)
     if score_function == "softmax":
         return torch.softmax(logits, dim=-1)
-    scores = torch.sigmoid(logits)
+    if score_function == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:  # sqrtsoftplus (Megatron-Core 0.17+)
+        scores = torch.nn.functional.softplus(logits).sqrt()
     return scores / (scores.sum(dim=-1, keepdim=True) + SIGMOID_EPS)
 
 

@@ -40,6 +40,8 @@ def cpu_shims():
         (torch.cuda, "current_device", lambda: "cpu"),
         # moe_utils references te_general_gemm without TransformerEngine (fixed upstream in 0.17).
         (moe_utils, "te_general_gemm", getattr(moe_utils, "te_general_gemm", None)),
+        # DDP's start_grad_sync waits on CUDA-graph events in torch.cuda.current_stream() (0.19+).
+        (torch.cuda, "current_stream", torch.cpu.current_stream),
         # The model-parallel RNG tracker forks CUDA generator states.
         (mc_random.CudaRNGStatesTracker, "fork", _null_fork),
         # Activation recomputation saves and restores CUDA RNG states.

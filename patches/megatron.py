@@ -12,7 +12,15 @@ What it changes (and restores on unpatch), by what the installed Megatron-Core h
   when kernels are on: automatically for CUDA logits, or forced with kernels=True;
 - the per-step reset closes every engine's step (empties the count buffer), whatever balancing
   type is configured: finalize_model_grads.reset_model_temporary_tensors (0.15+), or
-  DistributedDataParallel.finish_grad_sync (0.12 to 0.14), both called by finalize_model_grads.
+  DistributedDataParallel.finish_grad_sync (0.12 to 0.14), both called by finalize_model_grads;
+- MoEMetricsTracker.report (0.18+): adds each layer's MaxVio of the micro-batches and of the
+  global batch to what Megatron's training log and writers report.
+Megatron's own behaviour the patch follows, by version: MTP routers (0.17+) log at
+layer_number + num_layers and, when repeated, weigh their loss 1/mtp_num_layers; 0.18+ log through
+moe_logging's metrics tracker and route 16-bit logits in fp32 (the fused kernels get fp32 logits);
+0.19+ scale aux and z-loss under per-token loss by the tokens of the whole tensor x context group
+(_loss_scale). Routing types that balance by themselves (sinkhorn; quantile_balancing, 0.19+)
+take no moe-lbl loss.
 Methods are patched on the class (router.py imports moe_utils' functions by name, so patching
 moe_utils would change nothing), guarded by a sentinel attribute. While patched, each replacement's
 `__wrapped__` is the original it replaced, and its docstring says what it replaces and why.
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -35,10 +44,19 @@ from moe_lbl.engine import GLOBAL_LOSS_NAME, MICRO_LOSS_NAME, BalanceConfig, Loa
 
 # The Megatron-Core releases the patch supports; pyproject.toml requires the same range (a test
 # keeps the two equal).
-SUPPORTED_MEGATRON = ">=0.12.0,<0.17.0"
+SUPPORTED_MEGATRON = ">=0.12.0,<0.20.0"
+# The release CI runs the whole suite on (scripts/setup.sh installs it); error messages suggest it.
+NEWEST_TESTED_MEGATRON = "0.19.2"
+# Megatron-Core 0.17+ wheels declare Requires-Python >= 3.12; their cp311 builds run on 3.11 (without
+# --no-deps, pip would also take dependencies built for 3.12 only).
+_PIP_NOTE = "; on Python 3.11 add --no-deps --ignore-requires-python, then pip install numpy packaging"
 
 _FINALIZE_MODULE = "megatron.core.distributed.finalize_model_grads"
 _DDP_MODULE = "megatron.core.distributed.distributed_data_parallel"
+_LOGGING_MODULE = "megatron.core.transformer.moe.moe_logging"
+# The balance metrics Megatron's training log (and its TensorBoard and wandb writers) shows beside
+# the losses (0.18+): per-layer-averaged MaxVio of the micro-batches and of the global batch.
+MAX_VIO_NAMES = ("micro_max_vio", "global_max_vio")
 
 _SENTINEL = "_moe_lbl_patch"
 _BALANCER = "_moe_lbl_balancer"
@@ -92,13 +110,13 @@ def check_megatron_version(version: Optional[str] = None) -> str:
     if version is None:
         raise UnsupportedMegatronVersion(
             f"megatron-core is not installed; moe-lbl's patch needs megatron-core{SUPPORTED_MEGATRON} "
-            "(pip install 'megatron-core==0.16.1')"
+            f"(pip install 'megatron-core=={NEWEST_TESTED_MEGATRON}'{_PIP_NOTE})"
         )
     if not SpecifierSet(SUPPORTED_MEGATRON).contains(Version(version).base_version):
         raise UnsupportedMegatronVersion(
             f"megatron-core {version} is not supported by moe-lbl's patch "
             f"(supported: megatron-core{SUPPORTED_MEGATRON}); nothing was patched. "
-            "Install a supported version, e.g. pip install 'megatron-core==0.16.1'"
+            f"Install a supported version, e.g. pip install 'megatron-core=={NEWEST_TESTED_MEGATRON}'{_PIP_NOTE}"
         )
     return version
 
@@ -112,6 +130,14 @@ class Features:
     apply_aux_loss: bool  # TopKRouter._apply_aux_loss and is_aux_loss_enabled (0.14+)
     global_aux_loss: bool  # the "global_aux_loss" balancing type (0.15+)
     reset_model_temporary_tensors: bool  # else the per-step reset hooks DDP.finish_grad_sync (0.15+)
+    metrics_tracker: bool  # moe_logging.get_moe_metrics_tracker; save_to_aux_losses_tracker deprecated (0.18+)
+    # Under per-token loss, aux and z-loss scaled by the valid tokens times the tensor x context
+    # group size, and z_loss logged averaged over tensor x data x context ranks (0.19+): a change
+    # of arithmetic with no new name to detect, so it is read off the version.
+    tp_cp_token_scale: bool
+    # Routing scores of 16-bit logits kept in fp32 until the final probs (0.18+; read off the
+    # version too): the fused kernels then route fp32 logits.
+    fp32_routing: bool
 
     @property
     def fused_routing(self) -> bool:
@@ -125,12 +151,16 @@ def features() -> Features:
 
     finalize = importlib.import_module(_FINALIZE_MODULE)
     methods = TopKRouter.__dict__
+    version = check_megatron_version()
     return Features(
-        version=check_megatron_version(),
+        version=version,
         padding_mask="padding_mask" in inspect.signature(TopKRouter.routing).parameters,
         apply_aux_loss="_apply_aux_loss" in methods and "is_aux_loss_enabled" in methods,
         global_aux_loss="_apply_global_aux_loss" in methods,
         reset_model_temporary_tensors=hasattr(finalize, "reset_model_temporary_tensors"),
+        metrics_tracker=importlib.util.find_spec(_LOGGING_MODULE) is not None,
+        tp_cp_token_scale=Version(version).release >= (0, 19),
+        fp32_routing=Version(version).release >= (0, 18),
     )
 
 
@@ -151,6 +181,9 @@ def replacements(found: Optional[Features] = None) -> list[tuple[object, str, ob
         raise UnsupportedMegatronVersion(
             f"megatron-core {found.version}: TopKRouter has neither _apply_aux_loss nor "
             f"apply_load_balancing_loss; supported: megatron-core{SUPPORTED_MEGATRON}; nothing was patched")
+    if found.metrics_tracker:
+        logging = importlib.import_module(_LOGGING_MODULE)
+        points.append((logging.MoEMetricsTracker, "report", _report))
     if found.reset_model_temporary_tensors:
         finalize = importlib.import_module(_FINALIZE_MODULE)
         points.append((finalize, "reset_model_temporary_tensors", _reset_model_temporary_tensors))
@@ -174,6 +207,11 @@ def _balancing_types(config) -> dict[str, float]:
             f"moe_router_load_balancing_type {list(types)}"
         )
     return {t: float(c or 0.0) for t, c in zip(types, coeffs)}
+
+
+# Routing types that balance by themselves and take no load-balancing loss (quantile_balancing:
+# 0.19+, its per-expert bias; Megatron asserts that no aux loss is enabled with it).
+_SELF_BALANCING_TYPES = ("sinkhorn", "quantile_balancing")
 
 
 def resolve_balance_config(config, options: PatchOptions) -> BalanceConfig:
@@ -203,9 +241,10 @@ def resolve_balance_config(config, options: PatchOptions) -> BalanceConfig:
             options.buffer,
             options.async_sync,
         )
-    if "sinkhorn" in types and (balance_config.scope == "global" or balance_config.terms()):
+    routing = next((t for t in _SELF_BALANCING_TYPES if t in types), None)
+    if routing and (balance_config.scope == "global" or balance_config.terms()):
         raise ValueError(
-            "sinkhorn routing balances tokens by itself and takes no load-balancing loss; "
+            f"{routing} routing balances tokens by itself and takes no load-balancing loss; "
             f"moe-lbl cannot apply scope={balance_config.scope!r} to it: use "
             "moe_router_load_balancing_type='aux_loss' (or 'global_aux_loss'), or unpatch_megatron()"
         )
@@ -302,26 +341,54 @@ def _batch_group(router):
 def _loss_scale(router, valid_tokens):
     """Megatron's aux-loss gradient scale, read at backward time as MoEAuxLossAutoScaler does.
 
-    With per-token loss Megatron multiplies aux losses by the local valid tokens (see
-    TopKRouter.attach_and_log_load_balancing_loss).
+    With per-token loss Megatron multiplies aux losses by the local valid tokens, from 0.19 on
+    times the tensor x context group size (see TopKRouter.attach_and_log_load_balancing_loss).
     """
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     scale = MoEAuxLossAutoScaler.main_loss_backward_scale
     scale = 1.0 if scale is None else scale
+    if router.calculate_per_token_loss and _patch.features.tp_cp_token_scale:
+        return scale * valid_tokens * _sequence_group(router).size()  # 0.19+
     return scale * valid_tokens if router.calculate_per_token_loss else scale
 
 
-def _register_callbacks(router, valid_tokens):
-    from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+def _mtp_repeats(router) -> int:
+    """How often one forward runs this router: mtp_num_layers for a repeated MTP layer (0.17+,
+    where Megatron divides that layer's aux loss, and the logged z-loss, by it), else 1."""
+    config = router.config
+    if getattr(router, "is_mtp_layer", False) and getattr(config, "mtp_use_repeated_layer", False):
+        return config.mtp_num_layers or 1
+    return 1
 
+
+def _log_layer(router) -> int:
+    """The tracker row of this router's values: MTP routers (0.17+) log after the decoder layers."""
+    if getattr(router, "is_mtp_layer", False):
+        return router.layer_number + router.config.num_layers
+    return router.layer_number
+
+
+def _track(name, value, router, **groups):
+    """Megatron's per-layer tracker: moe_logging's metrics tracker (0.18+, where
+    save_to_aux_losses_tracker is a deprecated wrapper of it), else save_to_aux_losses_tracker."""
+    if _patch.features.metrics_tracker:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        get_moe_metrics_tracker().record(name, value, _log_layer(router), _num_layers(router.config), **groups)
+    else:
+        from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+        save_to_aux_losses_tracker(name, value, _log_layer(router), _num_layers(router.config), **groups)
+
+
+def _register_callbacks(router, valid_tokens):
     names = tracker_names(router.config, balancer_of(router).config)
 
     def report(name, value):
-        save_to_aux_losses_tracker(names[name], value, router.layer_number, _num_layers(router.config),
-                                   reduce_group=_sequence_group(router))
+        _track(names[name], value / _mtp_repeats(router), router, reduce_group=_sequence_group(router))
 
-    return (lambda: _loss_scale(router, valid_tokens)), report
+    return (lambda: _loss_scale(router, valid_tokens) / _mtp_repeats(router)), report
 
 
 def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
@@ -425,6 +492,7 @@ def _load_failure(router, logits, padding_mask) -> Optional[str]:
 
     training = router.training and torch.is_grad_enabled()
     options = _fused_options(router, logits, padding_mask, training)
+    logits = _kernel_logits(logits)
     num_tokens = logits.numel() // router.config.num_moe_experts
     key = (logits.dtype, logits.device, num_tokens == 1, num_tokens % 16 == 0,
            *((name, value if not isinstance(value, torch.Tensor) else value.dtype)
@@ -465,12 +533,13 @@ def _kernels_on(router, logits, padding_mask) -> bool:
 
 def _fused_routing(router, logits, padding_mask):
     """TopKRouter.routing on the fused kernels: the same outputs, losses and logged values."""
-    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping, save_to_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
 
     from moe_lbl.kernels import fused_topk_router
 
     config = router.config
-    logits = logits.view(-1, config.num_moe_experts)
+    dtype = logits.dtype
+    logits = _kernel_logits(logits.view(-1, config.num_moe_experts))
     if padding_mask is not None:
         padding_mask = padding_mask.reshape(-1)
     training = router.training and torch.is_grad_enabled()
@@ -492,8 +561,9 @@ def _fused_routing(router, logits, padding_mask):
     stats = out.stats
     if z_coeff is not None:
         z_value = stats.z_sum / stats.valid_tokens.clamp(min=1)  # z_loss / coeff, as Megatron logs it
-        save_to_aux_losses_tracker("z_loss", z_value, router.layer_number, _num_layers(config))
-    probs, routing_map = out.probs, out.routing_map
+        groups = {"avg_group": _batch_group(router)} if _patch.features.tp_cp_token_scale else {}
+        _track("z_loss", z_value / _mtp_repeats(router), router, **groups)
+    probs, routing_map = out.probs.to(dtype), out.routing_map
     if config.moe_expert_capacity_factor is not None:
         probs, routing_map = apply_router_token_dropping(
             probs, routing_map, router_topk=router.topk, capacity_factor=config.moe_expert_capacity_factor,
@@ -514,6 +584,12 @@ def _fused_routing(router, logits, padding_mask):
             with torch.no_grad():
                 router.local_tokens_per_expert += load
     return probs, routing_map
+
+
+def _kernel_logits(logits):
+    """The logits the kernels route: fp32 where Megatron routes 16-bit logits in fp32 (0.18+),
+    else as they are (the kernels round scores to the logits dtype, as Megatron did before)."""
+    return logits.float() if _patch.features.fp32_routing else logits
 
 
 def _dispatched(routing_map, padding_mask):
@@ -565,6 +641,30 @@ def _finish_grad_sync(self, *args, **kwargs):
     result = _patch.original(ddp, "finish_grad_sync")(self, *args, **kwargs)
     _end_steps(self)
     return result
+
+
+def _report(self, loss_scale, iteration, *args, track_names=None, **kwargs):
+    """Replaces MoEMetricsTracker.report (0.18+): first records each layer's MaxVio of the last
+    step (micro-batches and global batch; a collective, as report's own reduction is) and adds
+    them to the reported names, so Megatron's log and writers show them beside the losses.
+    """
+    from moe_lbl.metrics import layer_balance
+
+    logging = importlib.import_module(_LOGGING_MODULE)
+    routers = sorted(_patch.routers, key=lambda r: getattr(r, _BALANCER).serial)  # the same order on every rank
+    for router in routers if loss_scale else []:
+        balancer = getattr(router, _BALANCER)
+        balance = layer_balance(router.layer_number, balancer)
+        if balance is not None:  # report multiplies by loss_scale (1 / micro-batches): undo it
+            device = balancer.last_step_loads[0].device
+            for name, value in zip(MAX_VIO_NAMES, (balance.micro_max_vio, balance.global_max_vio)):
+                self.record(name, torch.tensor(value / loss_scale, device=device), _log_layer(router),
+                            _num_layers(router.config))
+    if track_names is not None:  # every rank adds the names: report's reduction spans pipeline stages
+        track_names = [track_names] if isinstance(track_names, str) else list(track_names)
+        track_names += [name for name in MAX_VIO_NAMES if name not in track_names]
+    return _patch.original(logging.MoEMetricsTracker, "report")(
+        self, loss_scale, iteration, *args, track_names=track_names, **kwargs)
 
 
 def iter_balancers(model) -> Iterator[tuple[int, LoadBalancer]]:

@@ -43,9 +43,9 @@ def clean_state():
     if "megatron.core.transformer.moe.moe_utils" in sys.modules:
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        from tests.helpers.megatron import aux_loss_tracker
+        from tests.helpers.megatron import clear_tracker
 
-        aux_loss_tracker().clear()
+        clear_tracker()
         # A scale a test set would otherwise reach the next (a 0-d one even breaks its set_loss_scale).
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
 

@@ -62,7 +62,9 @@ def moe_lbl(*args, env=None):
 def test_info_names_versions_and_support():
     result = moe_lbl("info")
     assert result.returncode == 0, result.stderr
-    for expected in ("torch", "triton", "megatron-core      0.16.1", "patch supported    yes",
+    from moe_lbl.patches.megatron import megatron_core_version
+
+    for expected in ("torch", "triton", f"megatron-core      {megatron_core_version()}", "patch supported    yes",
                      "TopKRouter._apply_aux_loss", "moe-lbl demo"):
         assert expected in result.stdout
 

@@ -189,3 +189,35 @@ def test_balance_metrics_agree_across_ranks_with_a_direct_computation(ranks):
             assert balance.tokens_per_expert == tuple(int(x) for x in total)
             assert balance.global_max_vio == pytest.approx(float(max_violation(total)), rel=1e-12)
             assert balance.micro_max_vio == pytest.approx(micro, rel=1e-12)
+
+
+def per_token_worker(rank, world_size):
+    """Megatron's micro aux loss and the patch's, per-token loss, on a tensor-parallel pair."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    import moe_lbl
+    from tests.helpers.megatron import build_router
+
+    # Tensor-parallel ranks split a sequence evenly (Megatron counts their tokens as equal).
+    logits = torch.randn(12, 2, NUM_EXPERTS, generator=torch.Generator().manual_seed(rank))
+    grads = []
+    for patched in (False, True):
+        if patched:
+            moe_lbl.patch_megatron(scope="micro")
+        router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF, calculate_per_token_loss=True)
+        x = logits.clone().requires_grad_()
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / NUM_MICRO_BATCHES)
+        probs, _ = router.routing(x)
+        (probs * 0).sum().backward()
+        grads.append(x.grad)
+    moe_lbl.unpatch_megatron()
+    return grads
+
+
+def test_per_token_loss_scale_matches_megatron_under_tensor_parallelism():
+    """Under calculate_per_token_loss Megatron scales the aux loss by the local tokens, from 0.19 on
+    times the tensor x context group size: the patch's gradient must follow (else it is 1/TP of
+    Megatron's on 0.19, or TP times it before)."""
+    for rank, (megatron, patched) in enumerate(spawn(per_token_worker, 2, tensor_parallel=2)):
+        assert megatron.abs().max() > 0, rank
+        torch.testing.assert_close(patched, megatron, rtol=1e-5, atol=1e-6 * float(megatron.abs().max()))

@@ -108,3 +108,21 @@ def test_fused_expert_bias_counts_exclude_padding(megatron_world):
     probs, routing_map = router.routing(torch.randn(9, 3, 16), padding_mask=padding)
     assert torch.equal(router.local_tokens_per_expert, (routing_map & ~padding.reshape(-1, 1)).sum(0).float())
     assert int(router.local_tokens_per_expert.sum()) == 15 * 4
+
+
+def test_fused_router_routes_bf16_logits_as_megatron(megatron_world):
+    """bf16 logits: Megatron-Core 0.18+ keeps their scores in fp32 until the final probs (older
+    versions round them to bf16, as the kernels do on bf16 input). Kernels that rounded where
+    Megatron does not would choose other experts here (expert bias added to rounded scores) and
+    give other probs. Sigmoid with expert bias has no exact ties, where the two top-k differ."""
+    name = "sigmoid-bias-groups-micro-z"
+    g = torch.Generator().manual_seed(7)
+    logits = [torch.randn(64, 3, 16, generator=g).bfloat16() for _ in range(2)]
+    weight = [torch.randn(192, 16, generator=g).bfloat16() for _ in range(2)]
+    unfused = run(name, False, logits, [None, None], weight)
+    fused = run(name, True, logits, [None, None], weight)
+    for (p0, m0, g0, _), (p1, m1, g1, _) in zip(unfused[:2], fused[:2]):
+        assert p1.dtype == p0.dtype == torch.bfloat16
+        assert torch.equal(m1, m0)
+        assert torch.equal(p1, p0)
+        torch.testing.assert_close(g1.float(), g0.float(), rtol=0, atol=2e-2 * float(g0.float().abs().max()))

@@ -1,6 +1,7 @@
 """How the patch is put in place: the supported range it declares, its replacements and their originals."""
 
 import os
+import re
 
 import tomllib
 from packaging.requirements import Requirement
@@ -16,6 +17,19 @@ def test_pyproject_requires_the_supported_megatron_range():
         dependencies = tomllib.load(f)["project"]["dependencies"]
     megatron = [Requirement(d) for d in dependencies if Requirement(d).name == "megatron-core"]
     assert [r.specifier for r in megatron] == [SpecifierSet(patch_module.SUPPORTED_MEGATRON)]
+
+
+def test_readme_and_setup_state_the_supported_range_and_the_tested_release():
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    assert f"Supported Megatron-Core: `{patch_module.SUPPORTED_MEGATRON}`" in readme
+    assert f"megatron-core=={patch_module.NEWEST_TESTED_MEGATRON}" in readme
+    assert SpecifierSet(patch_module.SUPPORTED_MEGATRON).contains(patch_module.NEWEST_TESTED_MEGATRON)
+    with open(os.path.join(REPO, "scripts", "version_matrix.sh")) as f:
+        matrix = re.search(r'VERSIONS="\$\{MOE_LBL_MATRIX:-([^}]*)\}"', f.read()).group(1).split()
+    # Every other release of the range, the main environment's excluded.
+    assert patch_module.NEWEST_TESTED_MEGATRON not in matrix and len(matrix) == 7
+    assert all(SpecifierSet(patch_module.SUPPORTED_MEGATRON).contains(v) for v in matrix)
 
 
 def test_each_replacement_wraps_its_original_and_says_what_it_replaces():

@@ -152,3 +152,96 @@ def test_fp64_routing_keeps_the_loss_in_fp64(megatron_world, megatron_features):
     torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-15)
     # The tracker stores fp32: both fp64 values round to the same one.
     torch.testing.assert_close(got[3]["load_balancing_loss"], want[3]["load_balancing_loss"], rtol=0, atol=0)
+
+
+def test_repeated_mtp_router_logs_and_weighs_as_megatron(megatron_world, megatron_features):
+    """A repeated MTP layer's router (0.17+) logs after the decoder layers and weighs its loss
+    1/mtp_num_layers; without that, the gradient and the logged value are mtp_num_layers times
+    Megatron's and land in the decoder's row."""
+    import inspect
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if "is_mtp_layer" not in inspect.signature(TopKRouter.__init__).parameters:
+        pytest.skip(f"megatron-core {megatron_features.version} has no MTP routers")
+    logits, padding, weight = random_case(7, 2, 8, 3 if megatron_features.padding_mask else 0, seed=11)
+    kwargs = dict(is_mtp_layer=True, mtp_num_layers=3, mtp_use_repeated_layer=True, moe_aux_loss_coeff=0.2)
+    want = route(build_router(**kwargs), logits, padding, weight, loss_scale=1.0)
+    moe_lbl.patch_megatron(scope="micro")
+    got = route(build_router(**kwargs), logits, padding, weight, loss_scale=1.0)
+    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-9)
+    lbl = want[3]["load_balancing_loss"]
+    assert lbl.shape == (4,) and lbl[1] > 0 and lbl[0] == 0  # layer 1 of the MTP block: row 1 + num_layers
+    torch.testing.assert_close(got[3]["load_balancing_loss"], lbl, rtol=1e-6, atol=0)
+
+
+def test_balancing_scores_are_megatrons_for_each_score_function(megatron_world):
+    """moe_lbl's balancing scores (record_routing, the demo's analysis) against Megatron's
+    compute_routing_scores_for_aux_loss for every score function it has (sqrtsoftplus: 0.17+)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from moe_lbl.engine import SCORE_FUNCTIONS, balancing_scores
+
+    if not hasattr(moe_utils, "compute_routing_scores_for_aux_loss"):
+        pytest.skip("compute_routing_scores_for_aux_loss is 0.14+")
+    logits = torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
+    for score_function in SCORE_FUNCTIONS:
+        try:
+            _, want = moe_utils.compute_routing_scores_for_aux_loss(logits, 2, score_function)
+        except ValueError:
+            continue  # a score function this version does not have
+        torch.testing.assert_close(balancing_scores(logits, score_function), want, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="unknown score function 'relu': choose from softmax, sigmoid"):
+        balancing_scores(logits, "relu")
+
+
+def test_quantile_balancing_is_refused_with_a_loss(megatron_world, megatron_features):
+    """quantile_balancing (0.19+) balances by its bias and Megatron asserts no aux loss is on; an
+    explicit coeff would enable one and fail inside Megatron's router build with its own message."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if "quantile_balancing" not in TopKRouter.__dict__:
+        pytest.skip(f"megatron-core {megatron_features.version} has no quantile_balancing routing")
+    kwargs = dict(moe_router_load_balancing_type="quantile_balancing", moe_aux_loss_coeff=0.0)
+    moe_lbl.patch_megatron(scope="micro")
+    build_router(**kwargs)  # no loss: Megatron's routing as it is
+    moe_lbl.patch_megatron(scope="micro", coeff=0.01)
+    with pytest.raises(ValueError, match="quantile_balancing routing balances tokens by itself"):
+        build_router(**kwargs)
+
+
+def test_megatron_log_shows_max_vio_beside_the_losses(megatron_world, megatron_features):
+    """With the patch on, the tracker's report (what Megatron's training log, TensorBoard and wandb
+    writers print, 0.18+) carries the per-layer-averaged MaxVio of the micro-batches and of the
+    global batch; unpatched it has neither."""
+    if not megatron_features.metrics_tracker:
+        pytest.skip(f"megatron-core {megatron_features.version} logs without moe_logging's metrics tracker")
+    from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
+
+    from moe_lbl.patches.megatron import balancer_of
+
+    moe_lbl.patch_megatron(scope="global")
+    router = build_router(num_experts=8, topk=2)
+    for seed in (1, 2):  # two micro-batches of one step
+        logits, _, weight = random_case(9, 2, 8, 0, seed=seed)
+        route(router, logits, None, weight, loss_scale=0.5)
+    balancer_of(router).end_step()
+    want = moe_lbl.balance_metrics(router)[0]
+    scalars = {}
+
+    class Writer:
+        def add_scalar(self, name, value, iteration):
+            scalars[name] = float(value)
+
+    def report():
+        return MoEMetricsTracker().report(loss_scale=0.5, iteration=1, writer=Writer(), num_layers=1,
+                                          track_names=["load_balancing_loss"], total_loss_dict={})
+
+    log = report()
+    assert 0 < want.global_max_vio < want.micro_max_vio
+    assert scalars["micro_max_vio"] == pytest.approx(want.micro_max_vio, rel=1e-6)
+    assert scalars["global_max_vio"] == pytest.approx(want.global_max_vio, rel=1e-6)
+    assert "micro_max_vio:" in log and "global_max_vio:" in log
+    moe_lbl.unpatch_megatron()
+    scalars.clear()
+    assert "max_vio" not in report() and not scalars
