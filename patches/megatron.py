@@ -492,7 +492,7 @@ def _load_failure(router, logits, padding_mask) -> Optional[str]:
 
     training = router.training and torch.is_grad_enabled()
     options = _fused_options(router, logits, padding_mask, training)
-    logits = _kernel_logits(logits)
+    logits = _kernel_logits(router, logits)
     num_tokens = logits.numel() // router.config.num_moe_experts
     key = (logits.dtype, logits.device, num_tokens == 1, num_tokens % 16 == 0,
            *((name, value if not isinstance(value, torch.Tensor) else value.dtype)
@@ -539,7 +539,7 @@ def _fused_routing(router, logits, padding_mask):
 
     config = router.config
     dtype = logits.dtype
-    logits = _kernel_logits(logits.view(-1, config.num_moe_experts))
+    logits = _kernel_logits(router, logits.view(-1, config.num_moe_experts))
     if padding_mask is not None:
         padding_mask = padding_mask.reshape(-1)
     training = router.training and torch.is_grad_enabled()
@@ -586,10 +586,17 @@ def _fused_routing(router, logits, padding_mask):
     return probs, routing_map
 
 
-def _kernel_logits(logits):
+def _kernel_logits(router, logits):
     """The logits the kernels route: fp32 where Megatron routes 16-bit logits in fp32 (0.18+),
-    else as they are (the kernels round scores to the logits dtype, as Megatron did before)."""
-    return logits.float() if _patch.features.fp32_routing else logits
+    else as they are (the kernels round scores to the logits dtype, as Megatron did before).
+
+    Softmax after top-k over all experts chooses by the logits themselves and rounds only the
+    final probs, so 16-bit logits stay 16-bit there: half the bytes, 32-bit sort keys.
+    """
+    config = router.config
+    chosen_by_logits = (router.score_function == "softmax" and not config.moe_router_pre_softmax
+                        and not config.moe_router_group_topk)
+    return logits.float() if _patch.features.fp32_routing and not chosen_by_logits else logits
 
 
 def _dispatched(routing_map, padding_mask):

@@ -4,7 +4,7 @@
 # (0.19.2). 0.17+ wheels declare Requires-Python >= 3.12; their cp311 builds run on 3.11.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-VERSIONS="${MOE_LBL_MATRIX:-0.12.3 0.13.1 0.14.0 0.15.3 0.16.1 0.17.1 0.18.2}"
+VERSIONS="${MATRIX_VERSIONS:-0.12.3 0.13.1 0.14.0 0.15.3 0.16.1 0.17.1 0.18.2}"
 TESTS="tests/megatron/test_patch_mechanics.py tests/megatron/test_patch_router.py tests/megatron/test_patch_lifecycle.py tests/megatron/test_patch_dp.py"
 status=0
 for version in $VERSIONS; do

@@ -47,8 +47,8 @@ def pretrain(out, launcher=None, extra=()):
     """torchrun of the example (through moe_lbl.run with `launcher` options); records in `out`."""
     os.makedirs(out, exist_ok=True)
     through = [] if launcher is None else ["-m", "moe_lbl.run", *launcher, "--"]
-    env = {**os.environ, "PYTHONPATH": SHIMS, "MOE_LBL_CPU_TRAINING": "1", "OMP_NUM_THREADS": "1",
-           "MOE_LBL_ROUTING_RECORD": out}
+    env = {**os.environ, "PYTHONPATH": SHIMS, "MOELBL_TEST_CPU_TRAINING": "1", "OMP_NUM_THREADS": "1",
+           "MOELBL_TEST_ROUTING_RECORD": out}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *through,
          "examples/pretrain_gpt_moe.py", *FLAGS, "--tensorboard-dir", out, *extra],

@@ -126,3 +126,32 @@ def test_fused_router_routes_bf16_logits_as_megatron(megatron_world):
         assert torch.equal(m1, m0)
         assert torch.equal(p1, p0)
         torch.testing.assert_close(g1.float(), g0.float(), rtol=0, atol=2e-2 * float(g0.float().abs().max()))
+
+
+def test_fused_router_routes_bf16_logits_after_softmax_as_megatron(megatron_world, monkeypatch):
+    """Softmax after top-k chooses by the logits, so on Megatron-Core 0.18+ the kernels take the
+    16-bit logits as they are (no fp32 copy, 32-bit sort keys): the same experts and probs as
+    Megatron's fp32 routing, where no exact tie lets torch.topk choose otherwise."""
+    name = "softmax-top2-global-z"
+    g = torch.Generator().manual_seed(9)
+    logits = [torch.randn(64, 3, 8, generator=g).bfloat16() for _ in range(2)]
+    weight = [torch.randn(192, 8, generator=g).bfloat16() for _ in range(2)]
+    import moe_lbl.kernels
+
+    routed_dtypes = []
+    route = moe_lbl.kernels.fused_topk_router
+    monkeypatch.setattr(moe_lbl.kernels, "fused_topk_router",
+                        lambda logits, *a, **k: routed_dtypes.append(logits.dtype) or route(logits, *a, **k))
+    unfused = run(name, False, logits, [None, None], weight)
+    fused = run(name, True, logits, [None, None], weight)
+    assert routed_dtypes == [torch.bfloat16] * 2  # no fp32 copy of the logits
+    for x, (p0, m0, g0, _), (p1, m1, g1, _) in zip(logits, unfused[:2], fused[:2]):
+        top = torch.sort(x.reshape(-1, 8).float(), dim=-1, descending=True).values
+        untied = top[:, 1] != top[:, 2]
+        assert int(untied.sum()) > 150
+        assert p1.dtype == p0.dtype == torch.bfloat16
+        assert torch.equal(m1[untied], m0[untied])
+        # Within one bf16 rounding: fp32 exp differs in its last bits between torch and the kernels.
+        torch.testing.assert_close(p1[untied].float(), p0[untied].float(), rtol=2 ** -7, atol=0)
+        g0, g1 = g0.reshape(-1, 8)[untied].float(), g1.reshape(-1, 8)[untied].float()
+        torch.testing.assert_close(g1, g0, rtol=0, atol=2e-2 * float(g0.abs().max()))

@@ -26,7 +26,7 @@ def test_readme_and_setup_state_the_supported_range_and_the_tested_release():
     assert f"megatron-core=={patch_module.NEWEST_TESTED_MEGATRON}" in readme
     assert SpecifierSet(patch_module.SUPPORTED_MEGATRON).contains(patch_module.NEWEST_TESTED_MEGATRON)
     with open(os.path.join(REPO, "scripts", "version_matrix.sh")) as f:
-        matrix = re.search(r'VERSIONS="\$\{MOE_LBL_MATRIX:-([^}]*)\}"', f.read()).group(1).split()
+        matrix = re.search(r'VERSIONS="\$\{MATRIX_VERSIONS:-([^}]*)\}"', f.read()).group(1).split()
     # Every other release of the range, the main environment's excluded.
     assert patch_module.NEWEST_TESTED_MEGATRON not in matrix and len(matrix) == 7
     assert all(SpecifierSet(patch_module.SUPPORTED_MEGATRON).contains(v) for v in matrix)

@@ -141,6 +141,13 @@ def test_fp64_routing_keeps_the_loss_in_fp64(megatron_world, megatron_features):
     gradient would be off by an fp32 rounding, about 1e-7)."""
     if not hasattr(build_router().config, "moe_router_dtype"):
         pytest.skip(f"megatron-core {megatron_features.version} has no moe_router_dtype")
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "compute_routing_scores_for_aux_loss"):
+        pytest.skip(f"megatron-core {megatron_features.version} computes aux scores inside its routing")
+    _, scores = moe_utils.compute_routing_scores_for_aux_loss(torch.zeros(2, 4, dtype=torch.float64), 1, "sigmoid")
+    if scores.dtype != torch.float64:
+        pytest.skip(f"megatron-core {megatron_features.version} computes sigmoid aux scores in {scores.dtype}")
     logits, padding, weight = random_case(13, 3, 8, 0, seed=11)
     logits, weight = logits.double(), weight.double()
     kwargs = dict(num_experts=8, topk=2, moe_aux_loss_coeff=0.3, moe_router_dtype="fp64",

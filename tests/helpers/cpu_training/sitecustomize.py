@@ -1,13 +1,13 @@
 """Megatron's own training loop on CPU with gloo ranks, for the tests only.
 
-Put this folder on PYTHONPATH and set MOE_LBL_CPU_TRAINING=1: Python imports this module at the
+Put this folder on PYTHONPATH and set MOELBL_TEST_CPU_TRAINING=1: Python imports this module at the
 start of every process, and it acts in the ranks torchrun starts (LOCAL_RANK set) and nowhere
 else. megatron.training assumes CUDA throughout; each shim below names the call it removes. The
 flags of the test avoid the rest (--transformer-impl local, --distributed-backend gloo, no
 fusions, the allgather dispatcher). Two recorders serve the test's checks:
 - TensorBoard is not installed here: a writer that appends each scalar Megatron writes to
   `scalars.jsonl` in --tensorboard-dir takes its place (full precision, unlike the console log);
-- with MOE_LBL_ROUTING_RECORD=DIR, every router's aux-loss routing (per-expert counts of its
+- with MOELBL_TEST_ROUTING_RECORD=DIR, every router's aux-loss routing (per-expert counts of its
   top-k, score sums, tokens) is appended to DIR/rank<R>.jsonl, one line per layer and micro-batch.
 """
 
@@ -71,8 +71,8 @@ def _apply():
     # The JIT warm-up runs fused bias-gelu and bias-dropout kernels on CUDA tensors.
     training.set_jit_fusion_options = lambda *args, **kwargs: None
     _record_scalars()
-    if os.environ.get("MOE_LBL_ROUTING_RECORD"):
-        _record_routing(os.environ["MOE_LBL_ROUTING_RECORD"])
+    if os.environ.get("MOELBL_TEST_ROUTING_RECORD"):
+        _record_routing(os.environ["MOELBL_TEST_ROUTING_RECORD"])
 
 
 class _ScalarWriter:
@@ -130,5 +130,5 @@ class _CpuDevices(__import__("torch").overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-if os.environ.get("LOCAL_RANK") is not None and os.environ.get("MOE_LBL_CPU_TRAINING") == "1":
+if os.environ.get("LOCAL_RANK") is not None and os.environ.get("MOELBL_TEST_CPU_TRAINING") == "1":
     _apply()
