@@ -37,7 +37,8 @@ Naming convention (one meaning per word, in the code, the docs and the tests):
 - gradient: d loss / d s, [N_E], the same for every valid token of a micro-batch.
 - BalanceConfig is a balance config, LoadBalancer a balancer (one per MoE layer), and
   metrics.LayerBalance one layer's balance over a step.
-- weights: only the kernels' routing weights, [T, k], the probs of the chosen experts.
+- topk_probs: only the kernels' [T, k] probs of the chosen experts (the kernels name the rest
+  alike).
 """
 
 from __future__ import annotations
@@ -160,21 +161,25 @@ class _PendingSum:
     Blocking sums are reduced at once; asynchronous ones join the group's bucket and are
     reduced together with the other layers' vectors of the same micro-batch. The vector travels
     with a tag of its micro-batch (step and position in the step): t and t^2 summed over n ranks
-    satisfy n * sum(t^2) == sum(t)^2 only if every rank sent the same t, so ranks that pair
-    different micro-batches find out when they read the sum, instead of using mixed counts.
+    satisfy n * sum(t^2) == sum(t)^2 only if every rank sent the same t, so ranks that paired
+    different micro-batches find out at the step's end (mismatch()), before the optimizer applies
+    a step made of mixed counts; reading the tags then costs one host sync per layer and step,
+    none in backward.
     """
 
     def __init__(self, owner: int, local: torch.Tensor, tag: tuple[int, int], what: str, group, async_op: bool):
         self.local = local  # this rank's vector
         self.tag, self.what = tag, what
         self._size = group_size(group)
-        step, index = tag
-        code = (step % _TAG_STEPS) * MAX_STEP_MICRO_BATCHES + index
-        self.sent = torch.cat([local, torch.tensor([code, code * code], dtype=local.dtype, device=local.device)])
         self._bucket = None
         self._value = local
         self._work = None
         if self._size > 1:
+            step, index = tag
+            code = (step % _TAG_STEPS) * MAX_STEP_MICRO_BATCHES + index
+            header = local.new_full((2,), code)  # filled on the device: no host-to-device copy
+            header[1:].fill_(code * code)
+            self.sent = torch.cat([local, header])
             if async_op:
                 self._bucket = _bucket(group)
                 self._bucket.add(owner, self)
@@ -201,16 +206,25 @@ class _PendingSum:
                     "micro-batches in every step (as many, and evaluation passes under torch.no_grad() or "
                     "model.eval()), or a rank stopped") from error
             self._work = None
-            code, square = (int(v) for v in self._value[-2:])
-            if self._size * square != code * code:
-                raise MicroBatchMismatch(
-                    f"moe-lbl: ranks summed the counts of different micro-batches for {self.what}: this rank sent "
-                    f"step {self.tag[0]}, micro-batch {self.tag[1]}, the others on average micro-batch code "
-                    f"{(code - self.sent[-2].item()) / (self._size - 1):g} (step * {MAX_STEP_MICRO_BATCHES} + "
-                    "micro-batch). The ranks of a group must run the same micro-batches in every step: as many, "
-                    "with evaluation passes under torch.no_grad() or model.eval()")
-            self._value = self._value[:-2]
-        return self._value
+        return self._value[:-2] if self._size > 1 else self._value
+
+    def tags(self) -> Optional[torch.Tensor]:
+        """[code, code^2]: what this rank sent, then the group's sums (None without a group)."""
+        if self._size == 1:
+            return None
+        self.get()
+        return torch.cat([self.sent[-2:], self._value[-2:]])
+
+    def mismatch(self, tags: list[int]) -> Optional[str]:
+        """Why the group summed different micro-batches, given tags() as integers, or None."""
+        sent, _, code, square = tags
+        if self._size * square == code * code:
+            return None
+        return (f"moe-lbl: ranks summed the counts of different micro-batches for {self.what}: this rank sent "
+                f"step {self.tag[0]}, micro-batch {self.tag[1]}, the others on average micro-batch code "
+                f"{(code - sent) / (self._size - 1):g} (step * {MAX_STEP_MICRO_BATCHES} + micro-batch). The ranks "
+                "of a group must run the same micro-batches in every step: as many, with evaluation passes "
+                "under torch.no_grad() or model.eval()")
 
 
 class _CountBucket:
@@ -263,6 +277,11 @@ def _bucket(group) -> _CountBucket:
 # A layer registering more micro-batches than this without a step reset is not resetting: a loop
 # without Megatron's finalize_model_grads that does not call end_step (moe_lbl.end_step(model)).
 MAX_STEP_MICRO_BATCHES = 1024
+
+
+def _loss_dtype(scores_dtype: torch.dtype) -> torch.dtype:
+    """The loss arithmetic's dtype for scores of this dtype: fp64 stays fp64, the rest is fp32."""
+    return torch.float64 if scores_dtype == torch.float64 else torch.float32
 
 
 def _in_backward() -> bool:
@@ -351,8 +370,8 @@ class LoadBalancer:
         """
         if scores.dim() != 2 or scores.shape[1] != self.num_experts:
             raise ValueError(f"scores must be [tokens, {self.num_experts}], got {tuple(scores.shape)}")
-        sum_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-        handle = self.register(counts, valid_tokens, scores.detach().sum(dim=0, dtype=sum_dtype), grad_scale, report)
+        handle = self.register(counts, valid_tokens, scores.detach().sum(dim=0, dtype=_loss_dtype(scores.dtype)),
+                               grad_scale, report)
         return _AttachLoss.apply(probs, scores, handle)
 
     def register(self, counts: torch.Tensor, valid_tokens: Union[int, torch.Tensor], score_sum: torch.Tensor,
@@ -390,7 +409,7 @@ class LoadBalancer:
             sequence=_PendingSum(self.serial, local, tag, self.name, self.sequence_group, async_op),
             batch=(_PendingSum(self.serial, local, tag, self.name, self.batch_group, async_op)
                    if self.config.scope == "global" else None),
-            score_sum=score_sum.detach().to(torch.float64 if score_sum.dtype == torch.float64 else torch.float32),
+            score_sum=score_sum.detach().to(_loss_dtype(score_sum.dtype)),
             config=self.config,
             grad_scale=grad_scale,
             report=report,
@@ -419,10 +438,11 @@ class LoadBalancer:
         handles = self._step.handles
         if not handles and not self._loads:
             return
-        for handle in handles:  # never leave a collective in flight
-            handle.sequence.get()
-            if handle.batch is not None:
-                handle.batch.get()
+        # Never leave a collective in flight; check every sum's tags, all in one host sync.
+        tagged = [(s, s.tags()) for h in handles for s in (h.sequence, h.batch) if s is not None]
+        tagged = [(s, t) for s, t in tagged if t is not None]
+        values = torch.stack([t for _, t in tagged]).tolist() if tagged else []
+        problems = [p for (s, _), v in zip(tagged, values) if (p := s.mismatch(v))]
         skipped = sum(1 for h in handles if h.batch is not None and not h.backpropagated)
         if skipped:
             _warn_once("not back-propagated", f"moe-lbl: {skipped} of the {len(handles)} micro-batches a layer "
@@ -437,6 +457,8 @@ class LoadBalancer:
         self.last_step_loads = self._loads
         self._loads = []
         self._forward_loads = []
+        if problems:  # raised once the step is closed: nothing is left half-reset
+            raise MicroBatchMismatch(problems[0])
 
     @property
     def buffered_counts(self) -> Optional[torch.Tensor]:

@@ -738,9 +738,11 @@ def unpatch_megatron() -> None:
             del current.__wrapped__
         setattr(owner, name, original)
     delattr(TopKRouter, _SENTINEL)
+    balancers = []
     for router in list(patch.routers):
-        balancer = getattr(router, _BALANCER)
+        balancers.append(getattr(router, _BALANCER))
         delattr(router, _BALANCER)
+    for balancer in balancers:  # only now, as end_step may raise (ranks that ran different micro-batches)
         balancer.end_step()  # waits for counts in flight: a collective, as on every rank
 
 

@@ -1,8 +1,9 @@
 """Ranks that disagree on a step's micro-batches get an error, never a hang or mixed counts.
 
 2 gloo ranks, one layer, global scope. Each count sum travels with its micro-batch's tag: ranks
-that pair different micro-batches find out when they read the sum; a rank left waiting for a sum
-that never comes raises after engine.SYNC_TIMEOUT (here 4 s), naming what it waited for.
+that paired different micro-batches raise when the step ends, before an optimizer step; a rank
+left waiting for a sum that never comes raises after engine.SYNC_TIMEOUT (here 4 s), naming what
+it waited for.
 """
 
 import datetime
