@@ -18,7 +18,10 @@ import torch
 from moe_lbl.environment import versions
 from moe_lbl.tables import format_table
 
-__all__ = ["card", "copy_bandwidth_gbps", "format_table", "measure_ms", "timestamp", "versions", "write_csv"]
+__all__ = ["DTYPES", "card", "copy_bandwidth_gbps", "format_table", "measure_ms", "timestamp", "versions",
+           "write_csv"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names benchmarks take
 
 
 def card() -> str:

@@ -40,7 +40,7 @@ os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="moe-lbl-trito
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from benchmarks.common import format_table, timestamp, versions, write_csv  # noqa: E402
+from benchmarks.common import DTYPES, format_table, timestamp, versions, write_csv  # noqa: E402
 from moe_lbl.kernels import aot, fused_topk_router, launcher  # noqa: E402
 
 TOKENS = 65536
@@ -48,7 +48,6 @@ H100_ISSUE_PER_S = 132 * 4 * 1.98e9  # warp-instructions per second, one per sch
 H100_BYTES_PER_S = 3.35e12
 # Per SM, for residency: registers, warps, CTAs, shared bytes (sm_80: 164 KB; sm_90/100: 228 KB).
 SM_LIMITS = {80: (65536, 64, 32, 164 * 1024), 90: (65536, 64, 32, 228 * 1024), 100: (65536, 64, 32, 228 * 1024)}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ["kernel", "config", "sm", "registers", "spill_stores", "spill_loads", "shared", "warps_per_cta",
            "resident_warps", "loop_instructions", "tokens_per_loop", "instructions_per_token", "issue_us",
            "floor_us", "issue_over_floor", "compile_s"]
@@ -76,8 +75,10 @@ class Config:
         out = fused_topk_router(
             logits, self.topk, score_function=self.score_function, use_pre_softmax=self.use_pre_softmax,
             num_groups=self.num_groups, group_topk=self.group_topk, expert_bias=bias,
-            dense=True, sparse=False, lbl_grad=lambda: torch.empty(self.experts, device=meta), z_grad=lambda: 1e-3)
-        out.probs.backward(torch.empty_like(out.probs))
+            dense=True, sparse=False)
+        torch.autograd.backward([out.probs, out.stats.score_sums, out.stats.z_sum],
+                                [torch.empty_like(out.probs), torch.empty_like(out.stats.score_sums),
+                                 torch.empty_like(out.stats.z_sum)])
 
     def essential_bytes(self, kernel: str, tokens: int = TOKENS) -> int:
         size = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()

@@ -22,7 +22,16 @@ from typing import Callable, Optional
 
 import torch
 
-from benchmarks.common import card, copy_bandwidth_gbps, format_table, measure_ms, timestamp, versions, write_csv
+from benchmarks.common import (
+    DTYPES,
+    card,
+    copy_bandwidth_gbps,
+    format_table,
+    measure_ms,
+    timestamp,
+    versions,
+    write_csv,
+)
 
 PROVIDERS = ("moe-lbl", "eager", "compiled", "te")
 OPS = ("fwd", "bwd", "both")
@@ -35,7 +44,6 @@ PRESETS = {
     "sweep": dict(tokens=[1024, 4096, 16384, 65536, 262144], experts=[8, 64, 128, 160, 256],
                   topk=[1, 2, 4, 8], dtypes=["fp32", "bf16"]),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COEFF, Z_COEFF = 1e-2, 1e-3
 
 
@@ -79,13 +87,8 @@ def _fused(logits, k, score_function):
     from moe_lbl.kernels import fused_topk_router
 
     num_tokens, num_experts = logits.shape
-    scale = COEFF * num_experts / (k * num_tokens * num_tokens)
-    stats = []
-    out = fused_topk_router(logits, k, score_function=score_function, use_pre_softmax=k == 1, sparse=False,
-                            lbl_grad=lambda: scale * stats[0].aux_counts.float(),
-                            z_grad=lambda: 2 * Z_COEFF / num_tokens)
-    stats.append(out.stats)
-    lbl = (out.stats.score_sums * out.stats.aux_counts).sum() * scale
+    out = fused_topk_router(logits, k, score_function=score_function, use_pre_softmax=k == 1, sparse=False)
+    lbl = (out.stats.score_sums * out.stats.aux_counts).sum() * (COEFF * num_experts / (k * num_tokens * num_tokens))
     z = out.stats.z_sum * (Z_COEFF / num_tokens)
     return out.probs, out.routing_map, out.stats.aux_counts, lbl, z
 

@@ -62,7 +62,7 @@ class Options:
 
 def _run_mode(rank: int, options: Options, mode: str):
     import moe_lbl
-    from moe_lbl.tiny_gpt import TinyGPT, build_gpt, synthetic_batches, train_step, wrap_ddp
+    from moe_lbl.demo.tiny_gpt import TinyGPT, build_gpt, synthetic_batches, train_step, wrap_ddp
 
     moe_lbl.unpatch_megatron()
     settings = MODES[mode]
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         options = Options(**fields, modes=tuple(args.modes))
     except ValueError as error:
         parser.error(str(error))
-    from moe_lbl.tiny_gpt import spawn
+    from moe_lbl.demo.tiny_gpt import spawn
 
     command = "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     results = spawn(_worker, options.ranks, options)[0]

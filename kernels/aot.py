@@ -4,7 +4,7 @@ Triton's wheel ships ptxas, so a kernel can be compiled for sm_80/90/100 anywher
 to compile are captured from the public entry points run on `meta` tensors (nothing executes),
 so every kernel and specialization those entry points would launch is compiled, and a refactor
 cannot skip one. Each captured launch is bound with Triton's own binder, as `JITFunction.run`
-does, and compiled with `triton.compile` for the requested target.
+does (moe_lbl.kernels.triton_compat), and compiled with `triton.compile` for the requested target.
 
 Needs the kernels defined for the compiler: import this module in a process without
 TRITON_INTERPRET=1 (the interpreter replaces the kernels when they are defined).
@@ -22,8 +22,9 @@ from typing import Callable
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import JITFunction, create_function_from_signature
+from triton.runtime.jit import JITFunction
 
+from moe_lbl.kernels import triton_compat
 from moe_lbl.kernels.launcher import KernelLaunch, capture
 
 TARGETS = (80, 90, 100)
@@ -60,15 +61,12 @@ def compile_launch(launch: KernelLaunch, capability: int) -> Compiled:
         raise RuntimeError("moe_lbl.kernels.aot needs the compiled kernels: unset TRITON_INTERPRET "
                            "before moe_lbl.kernels is first imported")
     target = GPUTarget("cuda", capability, 32)
-    backend = make_backend(target)
-    kernel = launch.kernel
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, launch.kwargs, bound, specialization, options)
+    signature, constexprs, attrs, options = triton_compat.bind(launch.kernel, launch.args, launch.kwargs,
+                                                               make_backend(target))
     log = io.StringIO()
     start = time.perf_counter()
-    with _ptxas_log(), contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+    with triton_compat.ptxas_report(), contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
     seconds = time.perf_counter() - start
     text = log.getvalue()
@@ -80,27 +78,12 @@ def compile_launch(launch: KernelLaunch, capability: int) -> Compiled:
                     spill_loads=int(spills.group(2)) if spills else -1)
 
 
-@contextlib.contextmanager
-def _ptxas_log():
-    """Compile even what Triton's cache holds (first-call times, and a ptxas run to report), and
-    have Triton print ptxas's -v report (registers, spills); the caller captures it."""
-    nvidia, compilation = triton.knobs.nvidia, triton.knobs.compilation
-    previous = nvidia.dump_ptxas_log, compilation.always_compile
-    nvidia.dump_ptxas_log, compilation.always_compile = True, True
-    try:
-        yield
-    finally:
-        nvidia.dump_ptxas_log, compilation.always_compile = previous
-
-
 def unique(launches: list[KernelLaunch]) -> list[KernelLaunch]:
     """One launch per compiled specialization (kernel, signature types, constexprs, options)."""
     backend = make_backend(GPUTarget("cuda", 90, 32))
     seen, kept = set(), []
     for launch in launches:
-        binder = create_function_from_signature(launch.kernel.signature, launch.kernel.params, backend)
-        _, specialization, options = binder(*launch.args, **launch.kwargs)
-        key = (launch.name, str(specialization), str(sorted(options.items())))
+        key = triton_compat.specialization_key(launch.kernel, launch.args, launch.kwargs, backend)
         if key not in seen:
             seen.add(key)
             kept.append(launch)

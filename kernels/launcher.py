@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
+from moe_lbl.kernels import triton_compat
+
 
 def interpreting() -> bool:
     """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at definition)."""
@@ -69,6 +71,9 @@ def resident_ctas(registers: int, num_warps: int, shared: int, *, registers_per_
     return max(1, ctas)
 
 
+# CTAs per SM where this Triton cannot tell a compiled kernel's resources: the router kernels fit
+# about 8 CTAs of 4 warps on an SM; 4 keeps a wave of them resident on every supported GPU.
+FALLBACK_CTAS_PER_SM = 4
 _ctas_per_sm: dict = {}
 
 
@@ -78,23 +83,18 @@ def programs(kernel, num_blocks: int, requested: int | None, device, make_args, 
     waited for a slot would add its whole share of blocks to the run time); else 4.
 
     make_args(programs) gives the launch's arguments; on CUDA the kernel is compiled with them
-    (Triton's warmup) to read its registers and shared memory, once per specialization.
+    to read its registers and shared memory, once per specialization.
     """
     if requested:
         count = requested
     elif device.type == "cuda" and _captured is None:
         key = (kernel, device.index, tuple(sorted(constexprs.items())))
         if key not in _ctas_per_sm:
-            import torch
-            import triton
-
-            compiled = kernel.warmup(*make_args(1), grid=(1,), **constexprs)
-            compiled._init_handles()  # loads the binary: sets n_regs
-            props = triton.runtime.driver.active.utils.get_device_properties(device.index)
-            _ctas_per_sm[key] = (props["multiprocessor_count"], resident_ctas(
-                compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
-                registers_per_sm=props["max_num_regs"], shared_per_sm=props["max_shared_mem"],
-                threads_per_sm=torch.cuda.get_device_properties(device).max_threads_per_multi_processor))
+            sms, registers_per_sm, shared_per_sm, threads_per_sm = triton_compat.sm_limits(device.index)
+            found = triton_compat.resources(kernel, make_args(1), constexprs)
+            ctas = FALLBACK_CTAS_PER_SM if found is None else resident_ctas(
+                *found, registers_per_sm=registers_per_sm, shared_per_sm=shared_per_sm, threads_per_sm=threads_per_sm)
+            _ctas_per_sm[key] = sms, ctas
         sms, ctas = _ctas_per_sm[key]
         count = sms * ctas
     else:
@@ -106,5 +106,4 @@ def load(launches: list[KernelLaunch]) -> None:
     """Compile captured launches for the current CUDA device and load them there, without running
     them: what a first launch would raise (a compile error, too many resources), raised now."""
     for captured in launches:
-        compiled = captured.kernel.warmup(*captured.args, grid=(1,), **captured.kwargs)
-        compiled._init_handles()  # loading checks shared memory and registers against the device
+        triton_compat.compile_and_load(captured.kernel, captured.args, captured.kwargs)

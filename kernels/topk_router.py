@@ -6,17 +6,19 @@ choose the experts (softmax before or after top-k, or sigmoid plus an optional e
 [T, k] the same values at `topk_indices` [T, k]; `routing_map` [T, E] marks the chosen experts.
 `aux scores` are the scores of Megatron's compute_routing_scores_for_aux_loss (softmax over all
 experts, or sigmoid normalized to sum 1) and `aux counts` the tokens of their own top-k per
-expert. `lbl_grad` [E] is d(load-balancing loss)/d(aux score) per expert; `z_grad` the scalar w of
-the z-loss gradient w * lse_t * softmax_t.
+expert; `score_sums` [E] are the aux scores summed over valid tokens and `z_sum` the sum of
+logsumexp(logits)^2, both differentiable: a loss made of them (the load-balancing loss is
+linear in score_sums, the z-loss in z_sum) back-propagates through the same backward kernel.
 
 Forward, per token, in one kernel (`topk_router_details/_forward.py`): the routing of Megatron-Core's
 `topk_routing_with_score_function` (softmax or sigmoid scores, expert bias for selection only,
 group-limited top-k, renormalization, scaling factor), its dense outputs (probs and routing map)
 or sparse ones (topk_probs), topk_indices, the logsumexp, and the balancing statistics (aux
 counts, aux-score sums, dispatched tokens, sum of lse^2). Backward, in one kernel
-(`_backward.py`): the logits gradient of the routing (from the chosen experts only), the
-balancing loss (lbl_grad, read when backward runs, after the engine's count all-reduce) and the
-z-loss.
+(`_backward.py`): the logits gradient of the routing (from the chosen experts only) plus those
+of score_sums and z_sum: their gradients arrive through autograd when backward runs, so a
+balancing loss whose weights depend on counts summed over ranks (an all-reduce launched in
+forward, waited for in backward) needs no other channel.
 
 Top-k: each score becomes a unique integer key, its order-preserving bits above the expert index,
 so a round is one max reduction and ties break toward the lower expert index (torch.topk promises
@@ -33,19 +35,19 @@ reduced in a fixed order: counts are exact integers, float sums deterministic fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional
 
 import torch
 import triton
 
-from moe_lbl.kernels import launcher
+from moe_lbl.kernels import launcher, triton_compat
 from moe_lbl.kernels.launcher import interpreting
 from moe_lbl.kernels.topk_router_details._backward import router_backward
 from moe_lbl.kernels.topk_router_details._forward import router_forward
 
 MAX_EXPERTS = 2048
 MAX_TOPK = 16
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
+FUSED_SCORE_FUNCTIONS = ("softmax", "sigmoid")  # of moe_lbl.scores.SCORE_FUNCTIONS, those the kernels route
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _VALUE_BITS = {torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}  # significant bits of the fp32 pattern
 
@@ -64,8 +66,8 @@ class RoutingSpec:
 
     def __post_init__(self):
         e, k = self.num_experts, self.topk
-        if self.score_function not in SCORE_FUNCTIONS:
-            raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
+        if self.score_function not in FUSED_SCORE_FUNCTIONS:
+            raise ValueError(f"score_function must be one of {FUSED_SCORE_FUNCTIONS}, got {self.score_function!r}")
         if not 1 <= e <= MAX_EXPERTS:
             raise ValueError(f"the fused router supports 1 to {MAX_EXPERTS} experts, got {e}")
         if not 1 <= k <= min(e, MAX_TOPK):
@@ -93,9 +95,9 @@ class RouterStats:
 
     aux_counts: tokens per expert under the top-k of the aux scores (int64 [E]);
     dispatch_counts: tokens per expert of the routing map (int64 [E]);
-    score_sums: per-expert sums of the aux scores (fp32 [E]);
+    score_sums: per-expert sums of the aux scores (fp32 [E]; differentiable);
     valid_tokens: non-padding tokens (int64 scalar tensor);
-    z_sum: sum of logsumexp(logits)^2 over valid tokens (fp32 scalar tensor).
+    z_sum: sum of logsumexp(logits)^2 over valid tokens (fp32 scalar tensor; differentiable).
     """
 
     aux_counts: torch.Tensor
@@ -231,8 +233,8 @@ def _forward(logits, expert_bias, padding_mask, spec: RoutingSpec, compute_stats
     return RouterOutput(probs, routing_map, topk_indices, topk_probs, stats)
 
 
-def _backward(logits, grad_probs, grad_topk_probs, routing_map, topk_indices, padding_mask, lbl_grad, z_grad,
-              spec: RoutingSpec, launch: Launch) -> torch.Tensor:
+def _backward(logits, grad_probs, grad_topk_probs, routing_map, topk_indices, padding_mask, grad_score_sums,
+              grad_z_sum, spec: RoutingSpec, launch: Launch) -> torch.Tensor:
     num_tokens, num_experts = logits.shape
     grad_logits = _empty(tuple(logits.shape), logits.dtype, logits.device)
     if num_tokens == 0:
@@ -245,50 +247,54 @@ def _backward(logits, grad_probs, grad_topk_probs, routing_map, topk_indices, pa
         float(spec.scaling_factor or 1.0),
         grad_probs.contiguous() if grad_probs is not None else logits,
         grad_topk_probs.contiguous() if grad_topk_probs is not None else logits,
-        lbl_grad if lbl_grad is not None else logits, z_grad if z_grad is not None else logits,
+        grad_score_sums if grad_score_sums is not None else logits,
+        grad_z_sum if grad_z_sum is not None else logits,
         grad_logits)
     constexprs = dict(
         E=num_experts, K=spec.topk, GROUP_TOPK=spec.group_topk or 0, SOFTMAX=spec.score_function == "softmax",
         PRE_SOFTMAX=bool(spec.use_pre_softmax), HAS_PADDING=padding is not None,
         HAS_SCALING=bool(spec.scaling_factor), HAS_GRAD_PROBS=grad_probs is not None,
-        HAS_GRAD_TOPK_PROBS=grad_topk_probs is not None, HAS_LBL=lbl_grad is not None, HAS_Z=z_grad is not None,
-        **tiles.constexprs())
+        HAS_GRAD_TOPK_PROBS=grad_topk_probs is not None, HAS_LBL=grad_score_sums is not None,
+        HAS_Z=grad_z_sum is not None, **tiles.constexprs())
     programs = launcher.programs(router_backward, triton.cdiv(num_tokens, tiles.block_t), launch.num_programs,
                                  logits.device, lambda _: launch_args, constexprs)
     launcher.launch(router_backward, programs, *launch_args, **constexprs)
     return grad_logits
 
 
-GradSource = Optional[Callable[[], Optional[Union[torch.Tensor, float]]]]
+_STATS = tuple(RouterStats.__dataclass_fields__)  # the statistics, in the Function's outputs after the routing's
 
 
 class _FusedTopKRouter(torch.autograd.Function):
+    """Outputs: probs, routing_map, topk_indices, topk_probs, then the RouterStats fields (None
+    where not asked for); probs, topk_probs, score_sums and z_sum are differentiable."""
+
     @staticmethod
-    def forward(ctx, logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, lbl_grad, z_grad,
-                launch, stats_box):
+    def forward(ctx, logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, launch):
         out = _forward(logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, launch)
+        stats = out.stats
         # The backward finds the chosen experts in the routing map (dense) or topk_indices (sparse).
         ctx.save_for_backward(logits, out.routing_map, out.topk_indices, padding_mask)
         ctx.spec, ctx.launch = spec, launch
-        ctx.lbl_grad, ctx.z_grad = lbl_grad, z_grad
-        ctx.mark_non_differentiable(*(t for t in (out.routing_map, out.topk_indices) if t is not None))
+        integers = (out.routing_map, out.topk_indices) + (
+            (stats.aux_counts, stats.dispatch_counts, stats.valid_tokens) if stats is not None else ())
+        ctx.mark_non_differentiable(*(t for t in integers if t is not None))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to read
-        stats_box.append(out.stats)  # autograd outputs must be tensors: the stats travel beside
-        return out.probs, out.routing_map, out.topk_indices, out.topk_probs
+        statistics = tuple(getattr(stats, name) for name in _STATS) if stats is not None else (None,) * len(_STATS)
+        return (out.probs, out.routing_map, out.topk_indices, out.topk_probs, *statistics)
 
     @staticmethod
-    def backward(ctx, grad_probs, _grad_map, _grad_indices, grad_topk_probs):
+    def backward(ctx, grad_probs, _grad_map, _grad_indices, grad_topk_probs, *grad_stats):
         logits, routing_map, topk_indices, padding_mask = ctx.saved_tensors
-        # Read at backward time: the engine's gradient may wait for an all-reduce launched in forward.
-        lbl = ctx.lbl_grad() if ctx.lbl_grad is not None else None
-        z = ctx.z_grad() if ctx.z_grad is not None else None
-        if lbl is not None:
-            lbl = lbl.to(device=logits.device, dtype=torch.float32).contiguous()
-        if z is not None:
-            z = torch.as_tensor(z, dtype=torch.float32, device=logits.device).reshape(1)
-        grad = _backward(logits, grad_probs, grad_topk_probs, routing_map, topk_indices, padding_mask, lbl, z,
-                         ctx.spec, ctx.launch)
-        return grad, None, None, None, None, None, None, None, None, None, None
+        grads = dict(zip(_STATS, grad_stats))
+        grad_score_sums, grad_z_sum = grads["score_sums"], grads["z_sum"]
+        if grad_score_sums is not None:
+            grad_score_sums = grad_score_sums.to(torch.float32).contiguous()
+        if grad_z_sum is not None:
+            grad_z_sum = grad_z_sum.to(torch.float32).reshape(1)
+        grad = _backward(logits, grad_probs, grad_topk_probs, routing_map, topk_indices, padding_mask,
+                         grad_score_sums, grad_z_sum, ctx.spec, ctx.launch)
+        return grad, None, None, None, None, None, None, None
 
 
 def fused_topk_router(
@@ -305,18 +311,15 @@ def fused_topk_router(
     compute_stats: bool = True,
     dense: bool = True,
     sparse: bool = True,
-    lbl_grad: GradSource = None,
-    z_grad: GradSource = None,
     launch: Launch = Launch(),
 ) -> RouterOutput:
     """Routing plus balancing statistics in one pass over the logits; gradients in one more.
 
     dense: return probs and routing_map [T, E]; sparse: return topk_probs [T, k] (topk_indices
-    always). padding_mask: [T] bool, True for padding tokens (excluded from the statistics and
-    the balancing gradients). lbl_grad(): fp32 [E], d(balancing loss)/d(aux score) of every valid
-    token, loss scale included, read in backward (None: no balancing gradient). z_grad(): a scalar
-    w such that the z-loss gradient is w * lse_t * softmax_t for every valid token. probs and
-    topk_probs are differentiable; expert_bias is used with sigmoid only.
+    always). padding_mask: [T] bool, True for padding tokens (excluded from the statistics).
+    probs, topk_probs and the statistics score_sums and z_sum are differentiable: whatever
+    gradients reach them when backward runs, one kernel turns into the logits gradient.
+    expert_bias is used with sigmoid only.
     """
     _check_logits(logits)
     spec = RoutingSpec(logits.shape[1], topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
@@ -325,42 +328,62 @@ def fused_topk_router(
         raise ValueError("fused_topk_router needs dense=True (probs, routing_map) or sparse=True (topk_probs)")
     if padding_mask is not None:
         padding_mask = padding_mask.reshape(-1).contiguous()
-    stats_box = []
-    probs, routing_map, topk_indices, topk_probs = _FusedTopKRouter.apply(
-        logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, lbl_grad, z_grad, launch, stats_box)
-    return RouterOutput(probs, routing_map, topk_indices, topk_probs, stats_box[0])
+    probs, routing_map, topk_indices, topk_probs, *statistics = _FusedTopKRouter.apply(
+        logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, launch)
+    stats = RouterStats(*statistics) if compute_stats else None
+    return RouterOutput(probs, routing_map, topk_indices, topk_probs, stats)
 
 
-def load_router(logits: torch.Tensor, topk: int, *, backward: bool = True, **options) -> float:
+# The outputs whose gradients a backward may receive (load_router's `gradients`).
+DIFFERENTIABLE_OUTPUTS = ("probs", "topk_probs", "score_sums", "z_sum")
+_loads: dict = {}  # specialization -> None (loaded) or the exception its first launch would raise
+
+
+def load_router(logits: torch.Tensor, topk: int, *, gradients: tuple[str, ...] = (), **options) -> None:
     """Compile and load, on the CUDA device of `logits`, the kernels that fused_topk_router(logits,
-    topk, **options) launches, and its backward from probs (dense) or topk_probs (sparse) when
-    `backward`; nothing runs. Returns the seconds taken (a first call's compile time); raises
-    what the first call would raise (a compile error, too many resources for the device).
+    topk, **options) launches, and the backward that receives the gradients of `gradients` (names
+    from DIFFERENTIABLE_OUTPUTS); nothing runs. Once per specialization of the kernels: later
+    calls return at once, or raise again what the first one raised (a compile error, too many
+    resources for the device).
 
-    Tensor options (expert_bias, padding_mask) and the lbl_grad result only need the right
-    shape and dtype: everything is traced on meta tensors.
+    Tensor options (expert_bias, padding_mask) only need the right shape and dtype: everything is
+    traced on meta tensors.
     """
-    import time
+    unknown = set(gradients) - set(DIFFERENTIABLE_OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown gradients {sorted(unknown)}: choose from {', '.join(DIFFERENTIABLE_OUTPUTS)}")
+    num_tokens, num_experts = logits.shape
+    described = tuple(sorted((name, (value.dtype, tuple(value.shape)) if isinstance(value, torch.Tensor) else value)
+                             for name, value in options.items()))
+    key = (logits.device, logits.dtype, num_experts, topk, triton_compat.integer_specialization(num_tokens),
+           triton_compat.integer_specialization(logits.stride(0)), tuple(sorted(gradients)), described)
+    if key not in _loads:
+        try:
+            _compile_and_load(logits, topk, gradients, options)
+            _loads[key] = None
+        except Exception as error:  # whatever the first launch would raise
+            _loads[key] = error
+    if _loads[key] is not None:
+        raise _loads[key]
 
+
+def _compile_and_load(logits, topk, gradients, options) -> None:
     meta = torch.device("meta")
 
     def like(t):
         return None if t is None else torch.empty(t.shape, dtype=t.dtype, device=meta)
 
-    options = dict(options)
-    for name in ("expert_bias", "padding_mask"):
-        options[name] = like(options.get(name))
-    if options.get("lbl_grad") is not None:
-        options["lbl_grad"] = lambda: torch.empty(logits.shape[1], device=meta)
-    traced = torch.empty(logits.shape, dtype=logits.dtype, device=meta, requires_grad=backward)
+    options = dict(options, **{name: like(options.get(name)) for name in ("expert_bias", "padding_mask")})
+    traced = torch.empty(logits.shape, dtype=logits.dtype, device=meta, requires_grad=bool(gradients))
     with launcher.capture() as launches, torch.enable_grad():
         out = fused_topk_router(traced, topk, **options)
-        if backward:
-            (out.probs if out.probs is not None else out.topk_probs).float().sum().backward()
-    start = time.perf_counter()
+        outputs = {"probs": out.probs, "topk_probs": out.topk_probs, **(
+            {"score_sums": out.stats.score_sums, "z_sum": out.stats.z_sum} if out.stats is not None else {})}
+        if gradients:
+            torch.autograd.backward([outputs[name] for name in gradients],
+                                    [torch.empty_like(outputs[name]) for name in gradients])
     with torch.cuda.device(logits.device):
         launcher.load(launches)
-    return time.perf_counter() - start
 
 
 def topk_routing_with_score_function(

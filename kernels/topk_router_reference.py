@@ -13,9 +13,7 @@ from typing import Optional
 
 import torch
 
-from moe_lbl.kernels.topk_router_details._common import SIGMOID_EPS as _KERNEL_SIGMOID_EPS
-
-SIGMOID_EPS = _KERNEL_SIGMOID_EPS.value  # Megatron's renormalization epsilon, as the kernels hold it
+from moe_lbl.scores import SIGMOID_EPS
 
 
 def _round(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

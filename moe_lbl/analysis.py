@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from moe_lbl.engine import balancing_scores
+from moe_lbl.scores import balancing_scores
 from moe_lbl.tables import format_table
 
 

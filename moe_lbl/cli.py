@@ -53,8 +53,8 @@ def info_lines() -> list[str]:
 
 
 def _demo(args) -> int:
-    from moe_lbl.demo import DemoOptions, missing_extras
-    from moe_lbl.demo import main as demo
+    from moe_lbl.demo.compare import DemoOptions, missing_extras
+    from moe_lbl.demo.compare import main as demo
 
     try:
         options = DemoOptions(steps=args.steps, ranks=args.ranks, micro_batches=args.micro_batches,
@@ -100,8 +100,8 @@ def main(argv=None) -> int:
                                     "moe-lbl run [options] -- SCRIPT.py [args]")
     commands.add_parser("info", help="versions, CUDA and patch support, for bug reports")
     demo = commands.add_parser("demo", help="micro vs global balance on a mixed-domain corpus, on CPU")
-    from moe_lbl.corpus import DOMAINS
-    from moe_lbl.demo import DemoOptions
+    from moe_lbl.demo.compare import DemoOptions
+    from moe_lbl.demo.corpus import DOMAINS
     from moe_lbl.engine import SCOPES
 
     defaults = DemoOptions()

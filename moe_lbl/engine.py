@@ -32,8 +32,9 @@ Naming convention (one meaning per word, in the code, the docs and the tests):
 - valid_tokens: T, the tokens that are not padding.
 - load: the tokens dispatched to each expert (from routing_map), for the balance metrics; it
   differs from counts where routing selects by other scores (expert bias, groups).
-- coeff: the weight of one loss term; a term is one (name, coeff, pooled) of
-  BalanceConfig.terms(); scope: "micro" or "global" (SCOPES), where f is pooled.
+- coeff: the weight of one loss term; a term (Term) is one (scope, coeff) of
+  BalanceConfig.terms(); scope: "micro" or "global" (SCOPES), where f is pooled. Values are
+  reported per scope; the names a framework logs them under are the adapter's.
 - gradient: d loss / d s, [N_E], the same for every valid token of a micro-batch.
 - BalanceConfig is a balance config, LoadBalancer a balancer (one per MoE layer), and
   metrics.LayerBalance one layer's balance over a step.
@@ -48,7 +49,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -57,29 +58,12 @@ from moe_lbl.validation import check_known
 
 SCOPES = ("micro", "global")
 
-SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")  # Megatron-Core's (sqrtsoftplus: 0.17+)
-SIGMOID_EPS = 1e-20  # Megatron's epsilon when it normalizes sigmoid scores to sum 1
 
-# Names under which the loss values are reported; Megatron's training log knows these two.
-MICRO_LOSS_NAME = "load_balancing_loss"
-GLOBAL_LOSS_NAME = "global_load_balancing_loss"
+class Term(NamedTuple):
+    """One term of the loss: f pooled per micro-batch ("micro") or over the batch group ("global")."""
 
-
-def balancing_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
-    """s_t of every token, [T, N_E]: softmax over all experts, or sigmoid (sqrtsoftplus) scores
-    normalized to sum 1.
-
-    What Megatron-Core's compute_routing_scores_for_aux_loss computes (0.14 and newer; older
-    versions compute the same inside their routing), in the dtype of `logits`.
-    """
-    check_known("score function", score_function, SCORE_FUNCTIONS)
-    if score_function == "softmax":
-        return torch.softmax(logits, dim=-1)
-    if score_function == "sigmoid":
-        scores = torch.sigmoid(logits)
-    else:  # sqrtsoftplus (Megatron-Core 0.17+)
-        scores = torch.nn.functional.softplus(logits).sqrt()
-    return scores / (scores.sum(dim=-1, keepdim=True) + SIGMOID_EPS)
+    scope: str
+    coeff: float
 
 
 def _check_coeff(name: str, value) -> None:
@@ -123,13 +107,10 @@ class BalanceConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
-    def terms(self) -> tuple[tuple[str, float, bool], ...]:
-        """(reported name, coefficient, pooled over the batch group) for each non-zero term."""
-        if self.scope == "micro":
-            terms = ((MICRO_LOSS_NAME, self.coeff, False),)
-        else:
-            terms = ((GLOBAL_LOSS_NAME, self.coeff, True), (MICRO_LOSS_NAME, self.micro_coeff, False))
-        return tuple(t for t in terms if t[1] > 0)
+    def terms(self) -> tuple[Term, ...]:
+        """The terms with a non-zero coefficient: the scope's, then a hybrid's micro term."""
+        terms = (Term(self.scope, self.coeff),) + ((Term("micro", self.micro_coeff),) if self.scope == "global" else ())
+        return tuple(t for t in terms if t.coeff > 0)
 
 
 _WARNED: set = set()
@@ -362,29 +343,26 @@ class LoadBalancer:
                report: Optional[Callable[[str, torch.Tensor], None]] = None) -> torch.Tensor:
         """Register one micro-batch and return `probs` carrying the loss gradient to `scores`.
 
-        scores: [T, N_E] balancing scores (rows of padding tokens zero); counts: [N_E] tokens
-        per expert under the top-k of those scores (padding excluded); valid_tokens: this rank's
-        non-padding tokens. grad_scale() is read in backward (Megatron's aux-loss scale);
-        report(name, value) receives each term's loss value divided by its coefficient once the
-        counts have arrived.
+        scores: the balancing scores of the valid tokens, [T, N_E] (rows of padding tokens zero),
+        or their sum over the tokens, [N_E] (what the fused router kernels return): the loss is
+        linear in them, with the same gradient for every token. counts: [N_E] tokens per expert
+        under the top-k of those scores (padding excluded); valid_tokens: this rank's non-padding
+        tokens. grad_scale() is read in backward (Megatron's aux-loss scale); report(scope, value)
+        receives each term's loss value divided by its coefficient once the counts have arrived.
         """
-        if scores.dim() != 2 or scores.shape[1] != self.num_experts:
-            raise ValueError(f"scores must be [tokens, {self.num_experts}], got {tuple(scores.shape)}")
-        handle = self.register(counts, valid_tokens, scores.detach().sum(dim=0, dtype=_loss_dtype(scores.dtype)),
-                               grad_scale, report)
+        if scores.shape[-1:] != (self.num_experts,) or scores.dim() not in (1, 2):
+            raise ValueError(f"scores must be [tokens, {self.num_experts}] or [{self.num_experts}], "
+                             f"got {tuple(scores.shape)}")
+        score_sum = scores.detach().sum(dim=0, dtype=_loss_dtype(scores.dtype)) if scores.dim() == 2 else scores
+        handle = self._register(counts, valid_tokens, score_sum, grad_scale, report)
         return _AttachLoss.apply(probs, scores, handle)
 
-    def register(self, counts: torch.Tensor, valid_tokens: Union[int, torch.Tensor], score_sum: torch.Tensor,
-                 grad_scale: Callable[[], Union[torch.Tensor, float]],
-                 report: Optional[Callable[[str, torch.Tensor], None]] = None) -> "BalanceHandle":
-        """Register one micro-batch from its statistics; the caller applies handle.gradient().
-
-        For callers that compute the statistics themselves (the fused router kernels): counts
-        [N_E] of the top-k over the balancing scores and score_sum [N_E] over valid tokens.
-        """
-        if counts.shape != (self.num_experts,) or score_sum.shape != (self.num_experts,):
-            raise ValueError(f"counts and score_sum must have shape ({self.num_experts},), "
-                             f"got {tuple(counts.shape)} and {tuple(score_sum.shape)}")
+    def _register(self, counts: torch.Tensor, valid_tokens: Union[int, torch.Tensor], score_sum: torch.Tensor,
+                  grad_scale: Callable[[], Union[torch.Tensor, float]],
+                  report: Optional[Callable[[str, torch.Tensor], None]]) -> "BalanceHandle":
+        if counts.shape != (self.num_experts,):
+            raise ValueError(f"counts must have shape ({self.num_experts},), got {tuple(counts.shape)}")
+        score_sum = score_sum.detach()
         tokens = torch.as_tensor(valid_tokens, dtype=torch.int64, device=counts.device).reshape(1)
         local = torch.cat([counts.to(torch.int64), tokens])  # one collective carries counts and tokens
         if _in_backward():
@@ -393,7 +371,7 @@ class LoadBalancer:
             # checkpointing ran the first forward without gradients, and registers it now.
             for earlier in self._step.handles:
                 if (not earlier.backpropagated and torch.equal(earlier.sequence.local, local)
-                        and torch.equal(earlier.score_sum, score_sum.detach().to(earlier.score_sum.dtype))):
+                        and torch.equal(earlier.score_sum, score_sum.to(earlier.score_sum.dtype))):
                     return earlier
         if len(self._step.handles) >= MAX_STEP_MICRO_BATCHES:
             _warn_once("growing step", f"moe-lbl: a layer registered {MAX_STEP_MICRO_BATCHES} micro-batches without "
@@ -409,7 +387,7 @@ class LoadBalancer:
             sequence=_PendingSum(self.serial, local, tag, self.name, self.sequence_group, async_op),
             batch=(_PendingSum(self.serial, local, tag, self.name, self.batch_group, async_op)
                    if self.config.scope == "global" else None),
-            score_sum=score_sum.detach().to(_loss_dtype(score_sum.dtype)),
+            score_sum=score_sum.to(_loss_dtype(score_sum.dtype)),
             config=self.config,
             grad_scale=grad_scale,
             report=report,
@@ -491,12 +469,12 @@ class LoadBalancer:
         handle.backpropagated = True
         scale = self.num_experts / sequence[-1].clamp(min=1).double()  # N_E / T over the sequence group
         gradient = torch.zeros(self.num_experts, dtype=torch.float64, device=sequence.device)
-        for name, coeff, pooled in handle.config.terms():
-            totals = self._pooled(handle) if pooled else sequence
+        for term in handle.config.terms():
+            totals = self._pooled(handle) if term.scope == "global" else sequence
             f = totals[:-1].double() / (self.topk * totals[-1].clamp(min=1).double())
-            gradient += (coeff * scale) * f
+            gradient += (term.coeff * scale) * f
             if handle.report is not None and not handle.reported:
-                handle.report(name, (scale * (f * handle.score_sum.double()).sum()).to(handle.score_sum.dtype))
+                handle.report(term.scope, (scale * (f * handle.score_sum.double()).sum()).to(handle.score_sum.dtype))
         handle.reported = True
         return gradient
 

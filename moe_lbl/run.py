@@ -3,10 +3,10 @@
     moe-lbl run [options] -- SCRIPT.py [script args]
     torchrun --nproc_per_node 8 -m moe_lbl.run --scope global -- pretrain_gpt.py ...
 
-Every rank applies the patch, then runs SCRIPT.py as __main__ with its own argv. Options may
-also come from the environment (for job systems that only pass environments); flags win:
-MOE_LBL_SCOPE, MOE_LBL_COEFF, MOE_LBL_MICRO_COEFF, MOE_LBL_BUFFER, MOE_LBL_ASYNC_SYNC,
-MOE_LBL_KERNELS. Bad options or an unsupported Megatron-Core stop before the script starts.
+Every rank applies the patch, then runs SCRIPT.py as __main__ with its own argv. The options are
+patch_megatron's (PatchOptions), as flags (--micro-coeff for micro_coeff) or from the environment
+(MOE_LBL_MICRO_COEFF; for job systems that only pass environments); flags win. Bad options or an
+unsupported Megatron-Core stop before the script starts.
 """
 
 from __future__ import annotations
@@ -15,15 +15,10 @@ import argparse
 import os
 import runpy
 import sys
+from typing import NamedTuple
 
-ENVIRONMENT = {
-    "scope": "MOE_LBL_SCOPE",
-    "coeff": "MOE_LBL_COEFF",
-    "micro_coeff": "MOE_LBL_MICRO_COEFF",
-    "buffer": "MOE_LBL_BUFFER",
-    "async_sync": "MOE_LBL_ASYNC_SYNC",
-    "kernels": "MOE_LBL_KERNELS",
-}
+from moe_lbl.patches.megatron.configuration import OPTIONS
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -50,26 +45,37 @@ def _kernels(text: str, source: str):
     return "auto" if text.lower() == "auto" else _bool(text, source)
 
 
-_PARSERS = {"scope": lambda t, s: t, "coeff": _float, "micro_coeff": _float, "buffer": _bool,
-            "async_sync": _bool, "kernels": _kernels}
+# How each kind of PatchOptions field is read from text.
+_PARSERS = {"scope": lambda text, source: text, "number": _float, "bool": _bool, "kernels": _kernels}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def variable(name: str) -> str:
+    return "MOE_LBL_" + name.upper()
 
 
 def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-lbl run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scope", help="'global' or 'micro' (MOE_LBL_SCOPE); default global")
-    parser.add_argument("--coeff", help="loss coefficient; default: Megatron's moe_aux_loss_coeff")
-    parser.add_argument("--micro-coeff", dest="micro_coeff", help="hybrid micro-batch term weight")
-    parser.add_argument("--buffer", help="accumulate counts over micro-batches: true/false")
-    parser.add_argument("--async-sync", dest="async_sync", help="overlap the count all-reduce: true/false")
-    parser.add_argument("--kernels", help="fused Triton router: auto/true/false")
+    for option in OPTIONS:
+        parser.add_argument(flag(option.name), dest=option.name,
+                            help=f"{option.metadata['help']} ({variable(option.name)}; default {option.default!r})")
     parser.add_argument("script", help="the training script, run as __main__")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     return parser
 
 
-def parse(argv: list[str], environ=os.environ) -> tuple[dict, str, list[str]]:
-    """(patch_megatron keyword arguments, script, script argv) from flags and the environment."""
+class Invocation(NamedTuple):
+    options: dict  # patch_megatron's keyword arguments
+    script: str
+    script_args: list
+
+
+def parse(argv: list[str], environ=os.environ) -> Invocation:
+    """What to patch and run, from flags and the environment."""
     if "--" in argv:
         split = argv.index("--")
         ours, script_part = argv[:split], argv[split + 1:]
@@ -80,25 +86,27 @@ def parse(argv: list[str], environ=os.environ) -> tuple[dict, str, list[str]]:
     else:
         args = _argument_parser().parse_args(argv)
         script, script_args = args.script, args.script_args
-    unknown = sorted(v for v in environ if v.startswith("MOE_LBL_") and v not in ENVIRONMENT.values())
+    variables = [variable(option.name) for option in OPTIONS]
+    unknown = sorted(v for v in environ if v.startswith("MOE_LBL_") and v not in variables)
     if unknown:
         raise UsageError(f"unknown environment variable {', '.join(unknown)}: the launcher reads "
-                         f"{', '.join(ENVIRONMENT.values())}")
-    launcher_flags = {"--" + name.replace("_", "-") for name in ENVIRONMENT}
-    for flag in {argument.split("=", 1)[0] for argument in script_args} & launcher_flags:
+                         f"{', '.join(variables)}")
+    launcher_flags = {flag(option.name) for option in OPTIONS}
+    for misplaced in {argument.split("=", 1)[0] for argument in script_args} & launcher_flags:
         if _is_rank_zero():  # as torchrun does, arguments after the script are the script's
-            print(f"moe-lbl run: warning: {flag} comes after the script, so it goes to the script "
+            print(f"moe-lbl run: warning: {misplaced} comes after the script, so it goes to the script "
                   "(launcher options go before it)", file=sys.stderr)
     options = {}
-    for name, variable in ENVIRONMENT.items():
-        if environ.get(variable, "") != "":
-            options[name] = _PARSERS[name](environ[variable], variable)
-        flag = getattr(args, name)
-        if flag is not None:
-            options[name] = _PARSERS[name](flag, "--" + name.replace("_", "-"))
+    for option in OPTIONS:
+        read = _PARSERS[option.metadata["kind"]]
+        if environ.get(variable(option.name), "") != "":
+            options[option.name] = read(environ[variable(option.name)], variable(option.name))
+        given = getattr(args, option.name)
+        if given is not None:
+            options[option.name] = read(given, flag(option.name))
     if not os.path.isfile(script):
         raise UsageError(f"script not found: {script}")
-    return options, script, script_args
+    return Invocation(options, script, script_args)
 
 
 def _is_rank_zero() -> bool:
@@ -122,10 +130,10 @@ def main(argv=None) -> None:
         kernels = applied.kernels
         if kernels == "auto":
             kernels = "auto (on: CUDA)" if torch.cuda.is_available() else "auto (off: no CUDA)"
-        coeff = "Megatron's moe_aux_loss_coeff" if applied.coeff is None else applied.coeff
-        print(f"moe-lbl: patched megatron-core {megatron_core_version()}: scope={applied.scope} "
-              f"coeff={coeff} micro_coeff={applied.micro_coeff} buffer={applied.buffer} "
-              f"async_sync={applied.async_sync} kernels={kernels}", flush=True)
+        shown = {option.name: getattr(applied, option.name) for option in OPTIONS}
+        shown.update(kernels=kernels, coeff="Megatron's moe_aux_loss_coeff" if applied.coeff is None else applied.coeff)
+        print(f"moe-lbl: patched megatron-core {megatron_core_version()}: "
+              + " ".join(f"{name}={value}" for name, value in shown.items()), flush=True)
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")

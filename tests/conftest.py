@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def megatron_world():
     """A one-rank gloo world with Megatron's parallel state and the CPU shims, in this process."""
-    from moe_lbl.tiny_gpt import distributed
+    from moe_lbl.demo.tiny_gpt import distributed
 
     with tempfile.TemporaryDirectory() as tmp:
         with distributed(0, 1, os.path.join(tmp, "init")):

@@ -68,8 +68,8 @@ def _routing_grad_dense(x, shifted, softmax, taken, grad, SOFTMAX: tl.constexpr,
 def router_backward(
     # inputs
     logits_ptr, stride_t, num_tokens, map_ptr, indices_ptr, padding_ptr, scaling_factor,
-    # incoming gradients: dense probs [T, E], sparse topk_probs [T, K], balancing [E], z-loss [1]
-    grad_probs_ptr, grad_topk_probs_ptr, lbl_grad_ptr, z_grad_ptr,
+    # incoming gradients: dense probs [T, E], sparse topk_probs [T, K], score_sums [E], z_sum [1]
+    grad_probs_ptr, grad_topk_probs_ptr, grad_score_sums_ptr, grad_z_sum_ptr,
     # output [T, E]
     grad_logits_ptr,
     # routing
@@ -85,12 +85,13 @@ def router_backward(
     FROM_MAP: tl.constexpr = HAS_GRAD_PROBS and not HAS_GRAD_TOPK_PROBS
     pid = tl.program_id(0)
     expert, col_ok = expert_tile(G, GS, BLOCK_G, BLOCK_GS)
+    # d loss / d aux score of every valid token: the gradient of its sum over tokens.
     lbl_grad = tl.zeros([1, BLOCK_G, BLOCK_GS], tl.float32)
     if HAS_LBL:
-        lbl_grad = tl.load(lbl_grad_ptr + expert, mask=col_ok, other=0.0).to(tl.float32)
-    z_grad = 0.0
+        lbl_grad = tl.load(grad_score_sums_ptr + expert, mask=col_ok, other=0.0).to(tl.float32)
+    z_grad = 0.0  # d loss / d lse_t = 2 lse_t * d loss / d z_sum
     if HAS_Z:
-        z_grad = tl.load(z_grad_ptr).to(tl.float32)
+        z_grad = 2.0 * tl.load(grad_z_sum_ptr).to(tl.float32)
 
     for block in range(pid, tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
         rows, row_ok, ok, x = load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T)
@@ -162,7 +163,7 @@ def router_backward(
                 routing_top = grad_sigmoid * chosen_sigmoid * (1.0 - chosen_sigmoid)
             lbl_top = tl.zeros([BLOCK_T, KP], tl.float32)
             if HAS_LBL:
-                lbl_top = tl.load(lbl_grad_ptr + indices, mask=top_ok, other=0.0).to(tl.float32)
+                lbl_top = tl.load(grad_score_sums_ptr + indices, mask=top_ok, other=0.0).to(tl.float32)
             routing_top += _balancing_grad(softmax_top, sigmoid(chosen), lbl_top, lbl_dot[:, None],
                                            sigmoid_total[:, None], z_lse[:, None], valid[:, None],
                                            SOFTMAX, HAS_LBL, HAS_Z)

@@ -4,10 +4,12 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from moe_lbl import scores
+
 # Globals read inside @triton.jit code must be tl.constexpr objects: the compiler refuses an
 # annotated plain float ("Cannot access global variable"), though the interpreter accepts it.
 NEG_INF = tl.constexpr(float("-inf"))
-SIGMOID_EPS = tl.constexpr(1e-20)  # Megatron's renormalization epsilon
+SIGMOID_EPS = tl.constexpr(scores.SIGMOID_EPS)
 INDEX_BITS = tl.constexpr(12)  # low bits of a sort key hold (4095 - expert): up to 4096 experts
 INDEX_MASK = tl.constexpr((1 << 12) - 1)
 LOG2E = tl.constexpr(1.4426950408889634)

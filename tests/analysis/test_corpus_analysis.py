@@ -9,7 +9,7 @@ import torch
 
 import moe_lbl
 from moe_lbl.analysis import RoutingRecorder, jensen_shannon
-from moe_lbl.corpus import DOMAINS, build_corpus
+from moe_lbl.demo.corpus import DOMAINS, build_corpus
 
 
 def text(windows):
@@ -92,7 +92,7 @@ def test_specialization_metrics(tmp_path):
 def test_recorder_counts_match_the_routers_outputs(megatron_world):
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from moe_lbl.tiny_gpt import TinyGPT, build_gpt, causal_mask
+    from moe_lbl.demo.tiny_gpt import TinyGPT, build_gpt, causal_mask
 
     corpus = build_corpus(seq_length=16, sequences_per_domain=20)
     spec = TinyGPT(vocab_size=256, seq_length=16)

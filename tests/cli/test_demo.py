@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from moe_lbl.demo import DemoOptions, _train_rank
-from moe_lbl.tiny_gpt import spawn
+from moe_lbl.demo.compare import DemoOptions, _train_rank
+from moe_lbl.demo.tiny_gpt import spawn
 
 pytestmark = pytest.mark.cpu_harness
 

@@ -28,7 +28,7 @@ def test_environment_and_flags_agree(tmp_path):
     assert from_flags == from_env == (dict(scope="micro", coeff=0.02, micro_coeff=0.0, buffer=False,
                                            async_sync=False, kernels=False), str(script), ["--lr", "1"])
     # A flag wins over the environment; the form without "--" works too.
-    assert launcher.parse(["--scope", "global", str(script)], environ=env)[0]["scope"] == "global"
+    assert launcher.parse(["--scope", "global", str(script)], environ=env).options["scope"] == "global"
 
 
 @pytest.mark.parametrize("env,error", [
@@ -95,9 +95,10 @@ def test_launcher_flags_after_the_script_go_to_the_script_with_a_warning(tmp_pat
 
 def test_unsupported_megatron_fails_before_the_script_starts(tmp_path, monkeypatch, capsys):
     from moe_lbl.patches import megatron as patch_module
+    from moe_lbl.patches.megatron import compatibility
 
     script, marker = write_script(tmp_path, "")
-    monkeypatch.setattr(patch_module, "megatron_core_version", lambda: "0.11.0")
+    monkeypatch.setattr(compatibility, "megatron_core_version", lambda: "0.11.0")
     with pytest.raises(SystemExit) as exit_info:
         launcher.main(["--", str(script)])
     assert exit_info.value.code == 2 and "megatron-core 0.11.0 is not supported" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -95,6 +96,11 @@ def logged_lbl(records, scope):
     return values
 
 
+class Pretrained(NamedTuple):
+    out: str  # the run's folder: TensorBoard scalars and routing records
+    stdout: str  # Megatron's console log
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("pretrain")
@@ -103,12 +109,12 @@ def runs(tmp_path_factory):
         results = dict(zip(variants, pool.map(lambda v: pretrain(str(base / v[0]), v[1]), variants.items())))
     for name, result in results.items():
         assert result.returncode == 0, f"{name}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return {name: (str(base / name), result) for name, result in results.items()}
+    return {name: Pretrained(str(base / name), result.stdout) for name, result in results.items()}
 
 
 def test_micro_scope_reproduces_megatrons_own_run(runs):
-    want, got = scalars(runs["megatron"][0]), scalars(runs["micro"][0])
-    assert "moe-lbl: patched megatron-core" in runs["micro"][1].stdout
+    want, got = scalars(runs["megatron"].out), scalars(runs["micro"].out)
+    assert "moe-lbl: patched megatron-core" in runs["micro"].stdout
     for tag in ("lm loss", "load_balancing_loss", "grad-norm"):
         assert len(want[tag]) == ITERATIONS, tag
         torch.testing.assert_close(torch.tensor(got[tag], dtype=torch.float64),
@@ -117,7 +123,7 @@ def test_micro_scope_reproduces_megatrons_own_run(runs):
 
 
 def test_global_scope_logs_the_global_batch_formula(runs):
-    out = runs["global"][0]
+    out = runs["global"].out
     records = {r: routing(out, r) for r in (0, 1)}
     logged = scalars(out)["load_balancing_loss"]
     global_formula, micro_formula = logged_lbl(records, "global"), logged_lbl(records, "micro")
@@ -126,19 +132,18 @@ def test_global_scope_logs_the_global_batch_formula(runs):
     # The two formulas differ by far more than the tolerance: the check above tells them apart.
     assert all(abs(g - m) > 1e-4 * m for g, m in zip(global_formula, micro_formula))
     # The micro run's log is Megatron's micro formula of its own routing.
-    micro_records = {r: routing(runs["micro"][0], r) for r in (0, 1)}
-    torch.testing.assert_close(as64(scalars(runs["micro"][0])["load_balancing_loss"]),
+    micro_records = {r: routing(runs["micro"].out, r) for r in (0, 1)}
+    torch.testing.assert_close(as64(scalars(runs["micro"].out)["load_balancing_loss"]),
                                as64(logged_lbl(micro_records, "micro")), rtol=1e-5, atol=0)
 
 
 def test_max_vio_reaches_megatrons_log_and_writers(runs):
     for name in ("micro", "global"):
-        out, result = runs[name]
-        written = scalars(out)
+        written = scalars(runs[name].out)
         for tag in ("micro_max_vio", "global_max_vio"):
             assert len(written[tag]) == ITERATIONS and all(v > 0 for v in written[tag]), (name, tag)
-            assert f"{tag}:" in result.stdout, (name, tag)
-    assert "max_vio" not in runs["megatron"][1].stdout
+            assert f"{tag}:" in runs[name].stdout, (name, tag)
+    assert "max_vio" not in runs["megatron"].stdout
 
 
 def test_the_scripts_exit_code_is_the_launchers(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe_lbl.engine import GLOBAL_LOSS_NAME, BalanceConfig, LoadBalancer
+from moe_lbl.engine import BalanceConfig, LoadBalancer
 from tests.helpers.reference import random_micro_batch, reference_losses, topk_mask
 
 
@@ -45,11 +45,11 @@ def test_engine_matches_float64_reference(config, num_experts, topk):
     _, grads, reports = run_engine(config, micro_batches, num_experts, topk, scale)
     want = reference_losses({(0, j): mb for j, mb in enumerate(micro_batches)}, config, num_experts, topk, scale)
     for j, (got_grad, got) in enumerate(zip(grads, reports)):
-        want_grad, want_values = want[0, j]
-        torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-8)
-        assert got.keys() == want_values.keys()
-        for name in got:
-            assert got[name] == pytest.approx(want_values[name], rel=1e-6)
+        expected = want[0, j]
+        torch.testing.assert_close(got_grad.double(), expected.grad, rtol=1e-5, atol=1e-8)
+        assert got.keys() == expected.values.keys()
+        for scope in got:
+            assert got[scope] == pytest.approx(expected.values[scope], rel=1e-6)
 
 
 def test_buffer_accumulates_then_resets():
@@ -66,7 +66,7 @@ def test_all_padding_micro_batch_has_zero_gradient():
     micro_batches = [random_micro_batch(10, 8, 10, seed=1)]
     _, grads, reports = run_engine(BalanceConfig("global"), micro_batches, 8, 2, 1.0)
     assert torch.count_nonzero(grads[0]) == 0
-    assert reports[0][GLOBAL_LOSS_NAME] == 0.0
+    assert reports[0]["global"] == 0.0
 
 
 @pytest.mark.parametrize("kwargs,error", [

@@ -4,12 +4,20 @@ Tensor-parallel ranks hold different tokens of the same sequences (sequence para
 Megatron requires for MoE with TP): T and P count the tokens of both, as Megatron's aux_loss does.
 """
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
+from moe_lbl.demo.tiny_gpt import spawn
 from moe_lbl.engine import BalanceConfig, LoadBalancer
-from moe_lbl.tiny_gpt import spawn
-from tests.helpers.reference import assert_matches_reference, random_micro_batch, reference_losses, topk_mask
+from tests.helpers.reference import (
+    MicroBatchResult,
+    assert_matches_reference,
+    random_micro_batch,
+    reference_losses,
+    topk_mask,
+)
 
 pytestmark = pytest.mark.cpu_harness
 
@@ -33,7 +41,7 @@ def rank_worker(rank, world_size):
         balancer = LoadBalancer(config, NUM_EXPERTS, TOPK,
                                 sequence_group=parallel_state.get_tensor_and_context_parallel_group(),
                                 batch_group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
-        grads, logged = [], []
+        micro_batches = []
         for j in range(NUM_MICRO_BATCHES):
             logits, padding = micro_batch(rank, j)
             logits.requires_grad_()
@@ -44,10 +52,9 @@ def rank_worker(rank, world_size):
                                   lambda: 1.0 / NUM_MICRO_BATCHES,
                                   lambda n, v, values=values: values.__setitem__(n, float(v)))
             out.sum().backward()
-            grads.append(logits.grad)
-            logged.append(values)
+            micro_batches.append(MicroBatchResult(logits.grad, values))
         balancer.end_step()
-        results[name] = (grads, logged)
+        results[name] = micro_batches
     return results
 
 
@@ -60,11 +67,17 @@ def ranks():
 def test_tensor_parallel_ranks_share_token_totals(ranks, name):
     data = {(r, j): micro_batch(r, j) for r in range(4) for j in range(NUM_MICRO_BATCHES)}
     want = reference_losses(data, CONFIGS[name], NUM_EXPERTS, TOPK, 1.0 / NUM_MICRO_BATCHES, tensor_parallel=2)
-    assert_matches_reference({(r, j): (result[name][0][j], result[name][1][j])
-                              for r, result in enumerate(ranks) for j in range(NUM_MICRO_BATCHES)}, want)
+    assert_matches_reference({(r, j): result[name][j] for r, result in enumerate(ranks)
+                              for j in range(NUM_MICRO_BATCHES)}, want)
 
 
-def coalescing_worker(rank, world_size):
+class Coalesced(NamedTuple):
+    all_reduce_sizes: list  # elements of each all-reduce, in order
+    after_forward: list  # all-reduces issued by the end of each micro-batch's forward
+    micro_batches: dict  # (layer, rank, j) -> MicroBatchResult
+
+
+def coalescing_worker(rank, world_size) -> Coalesced:
     """3 layers x 3 micro-batches, global async: one all-reduce per micro-batch, launched at the
     end of the forward pass once the layers are known."""
     import torch.distributed as dist
@@ -77,34 +90,35 @@ def coalescing_worker(rank, world_size):
     try:
         layers = [LoadBalancer(BalanceConfig("global", coeff=1.0), NUM_EXPERTS, TOPK, batch_group=dist.group.WORLD)
                   for _ in range(3)]
-        after_forward, grads, logged = [], {}, {}
+        after_forward, results = [], {}
         for j in range(3):
             outs = []
             for layer, balancer in enumerate(layers):
                 logits, padding = micro_batch(rank + 2 * layer, j)
                 logits.requires_grad_()
                 scores = torch.softmax(logits, dim=-1) * (~padding).unsqueeze(1)
-                values = logged.setdefault((layer, rank, j), {})
+                values = {}
                 out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores,
                                       topk_mask(logits.detach(), TOPK, padding).sum(0), int((~padding).sum()),
                                       lambda: 1.0, lambda n, v, values=values: values.__setitem__(n, float(v)))
-                outs.append((layer, logits, out))
+                outs.append((layer, logits, out, values))
             after_forward.append(len(calls))
-            for layer, logits, out in reversed(outs):  # backward runs the last layer first
+            for layer, logits, out, values in reversed(outs):  # backward runs the last layer first
                 out.sum().backward()
-                grads[layer, rank, j] = logits.grad
+                results[layer, rank, j] = MicroBatchResult(logits.grad, values)
     finally:
         engine.dist.all_reduce = real_all_reduce
-    return calls, after_forward, grads, logged
+    return Coalesced(calls, after_forward, results)
 
 
 def test_layers_share_one_all_reduce_per_micro_batch():
     results = spawn(coalescing_worker, 2)
-    for calls, after_forward, _, _ in results:
-        assert calls == [3 * (NUM_EXPERTS + 3)] * 3  # per layer: counts, tokens and the micro-batch tag (t, t^2)
-        assert after_forward == [0, 2, 3]  # micro-batches 1 and 2 launched before their backward
+    for result in results:
+        # per layer: counts, tokens and the micro-batch tag (t, t^2)
+        assert result.all_reduce_sizes == [3 * (NUM_EXPERTS + 3)] * 3
+        assert result.after_forward == [0, 2, 3]  # micro-batches 1 and 2 launched before their backward
     for layer in range(3):
         data = {(r, j): micro_batch(r + 2 * layer, j) for r in range(2) for j in range(3)}
         want = reference_losses(data, BalanceConfig("global", coeff=1.0), NUM_EXPERTS, TOPK)
-        assert_matches_reference({(r, j): (results[r][2][layer, r, j], results[r][3][layer, r, j])
-                                  for r in range(2) for j in range(3)}, want)
+        assert_matches_reference({(r, j): results[r].micro_batches[layer, r, j] for r in range(2) for j in range(3)},
+                                 want)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from moe_lbl.tiny_gpt import spawn
+from moe_lbl.demo.tiny_gpt import spawn
 
 pytestmark = pytest.mark.cpu_harness
 

@@ -5,9 +5,11 @@ It shares no code with the engine: f and P are computed from all ranks' data at 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from moe_lbl.engine import GLOBAL_LOSS_NAME, MICRO_LOSS_NAME, BalanceConfig
+from moe_lbl.engine import BalanceConfig
 
 
 def random_micro_batch(num_tokens: int, num_experts: int, num_padding: int, seed: int):
@@ -26,9 +28,17 @@ def topk_mask(logits: torch.Tensor, topk: int, padding: torch.Tensor) -> torch.T
     return torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, True) & ~padding.unsqueeze(1)
 
 
+class MicroBatchResult(NamedTuple):
+    """What one micro-batch gives on one rank: the logits gradient and each term's value, by scope."""
+
+    grad: torch.Tensor
+    values: dict
+
+
 def reference_losses(data: dict, config: BalanceConfig, num_experts: int, topk: int,
                      loss_scale: float = 1.0, tensor_parallel: int = 1) -> dict:
-    """Per (rank, micro-batch): the float64 logits gradient and this rank's share of each value.
+    """Per (rank, micro-batch): the float64 logits gradient and this rank's share of each term's
+    value, by scope.
 
     data[(rank, j)] = (logits [T, E], padding [T]); ranks r and r' split the same sequences when
     r // tensor_parallel == r' // tensor_parallel (Megatron orders tensor-parallel ranks first).
@@ -44,26 +54,27 @@ def reference_losses(data: dict, config: BalanceConfig, num_experts: int, topk: 
         batch = [(q, i) for q in ranks for i in window]
         sequence_tokens = max(sum(tokens[k] for k in sequence), 1.0)
         f = {
-            MICRO_LOSS_NAME: sum(counts[k] for k in sequence) / (topk * sequence_tokens),
-            GLOBAL_LOSS_NAME: sum(counts[k] for k in batch) / (topk * max(sum(tokens[k] for k in batch), 1.0)),
+            "micro": sum(counts[k] for k in sequence) / (topk * sequence_tokens),
+            "global": sum(counts[k] for k in batch) / (topk * max(sum(tokens[k] for k in batch), 1.0)),
         }
-        coeffs = ({MICRO_LOSS_NAME: config.coeff} if config.scope == "micro"
-                  else {GLOBAL_LOSS_NAME: config.coeff, MICRO_LOSS_NAME: config.micro_coeff})
+        coeffs = ({"micro": config.coeff} if config.scope == "micro"
+                  else {"global": config.coeff, "micro": config.micro_coeff})
         x = logits.double().requires_grad_()
         P = torch.softmax(x, dim=-1)[~padding].sum(0) / sequence_tokens  # this rank's share
-        values = {name: num_experts * (f[name] * P).sum() for name, c in coeffs.items() if c > 0}
-        loss = sum((coeffs[name] * v for name, v in values.items()), torch.zeros((), dtype=torch.float64))
+        values = {scope: num_experts * (f[scope] * P).sum() for scope, c in coeffs.items() if c > 0}
+        loss = sum((coeffs[scope] * v for scope, v in values.items()), torch.zeros((), dtype=torch.float64))
         (loss * loss_scale).backward()
-        out[r, j] = (x.grad, {name: float(v) for name, v in values.items()})
+        out[r, j] = MicroBatchResult(x.grad, {scope: float(v) for scope, v in values.items()})
     return out
 
 
 def assert_matches_reference(got: dict, want: dict) -> None:
-    """got[(rank, j)] = (logits grad, logged values) against reference_losses' output."""
+    """got[(rank, j)], a MicroBatchResult of what ran, against reference_losses' output."""
     assert got.keys() == want.keys()
-    for key, (grad, logged) in got.items():
-        want_grad, want_values = want[key]
-        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-8, msg=lambda m, key=key: f"{key}: {m}")
-        assert logged.keys() == want_values.keys(), key
-        for name, value in want_values.items():
-            assert abs(logged[name] - value) <= 1e-6 * abs(value), (key, name, logged[name], value)
+    for key, result in got.items():
+        expected = want[key]
+        torch.testing.assert_close(result.grad.double(), expected.grad, rtol=1e-5, atol=1e-8,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+        assert result.values.keys() == expected.values.keys(), key
+        for scope, value in expected.values.items():
+            assert abs(result.values[scope] - value) <= 1e-6 * abs(value), (key, scope, result.values[scope], value)

@@ -13,9 +13,18 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
-# (routing options, logits dtype, tokens, outputs and statistics, gradients that reach backward)
-CASES = [
+
+class CompileCase(NamedTuple):
+    routing: dict  # experts, topk and fused_topk_router's routing options (expert_bias: whether one)
+    dtype: str  # of the logits
+    tokens: int
+    outputs: dict  # dense, sparse, stats, padding: what the forward computes
+    grads: dict  # probs, topk_probs, lbl (score_sums), z (z_sum): what reaches the backward
+
+
+CASES = [CompileCase(*case) for case in [
     # Megatron's path: dense outputs, statistics, padding; the probs gradient plus LBL and z-loss.
     (dict(experts=64, topk=4), "bfloat16", 4096, dict(dense=True, sparse=False, stats=True, padding=True),
      dict(probs=True, lbl=True, z=True)),
@@ -38,7 +47,7 @@ CASES = [
     # The largest tiles: 2048 experts, top-16 (eight warps).
     (dict(experts=2048, topk=16), "bfloat16", 8192, dict(dense=True, sparse=False, stats=True, padding=False),
      dict(probs=True, lbl=True, z=True)),
-]
+]]
 TARGETS = (80, 90, 100)
 
 
@@ -54,10 +63,12 @@ def run_case(routing, dtype, tokens, outputs, grads):
     out = fused_topk_router(
         logits, compute_stats=outputs["stats"], dense=outputs["dense"], sparse=outputs["sparse"],
         expert_bias=torch.empty(experts, device=meta) if routing.get("expert_bias") else None,
-        padding_mask=torch.empty(tokens, dtype=torch.bool, device=meta) if outputs["padding"] else None,
-        lbl_grad=(lambda: torch.empty(experts, device=meta)) if grads.get("lbl") else None,
-        z_grad=(lambda: 1e-3) if grads.get("z") else None, **options)
+        padding_mask=torch.empty(tokens, dtype=torch.bool, device=meta) if outputs["padding"] else None, **options)
     loss = [getattr(out, name).float().sum() for name in ("probs", "topk_probs") if grads.get(name)]
+    if grads.get("lbl"):
+        loss.append(out.stats.score_sums.sum())
+    if grads.get("z"):
+        loss.append(out.stats.z_sum)
     sum(loss).backward()
 
 
@@ -90,12 +101,12 @@ def main(argv) -> int:
                 try:
                     compiled = aot.compile_launch(launch, capability)
                 except Exception as error:  # report every failing compile, not just the first
-                    print(f"FAIL sm_{capability} {launch.name} {case[0]} {case[1]}: {type(error).__name__}: "
+                    print(f"FAIL sm_{capability} {launch.name} {case.routing} {case.dtype}: {type(error).__name__}: "
                           f"{str(error).splitlines()[0] if str(error) else ''}")
                     failures += 1
                     continue
-                print(f"ok   sm_{capability} {launch.name} {case[0]} {case[1]}: {compiled.registers} registers, "
-                      f"{compiled.spill_stores} B spilled, {compiled.seconds:.1f} s")
+                print(f"ok   sm_{capability} {launch.name} {case.routing} {case.dtype}: {compiled.registers} "
+                      f"registers, {compiled.spill_stores} B spilled, {compiled.seconds:.1f} s")
     if kernels - launched:
         print(f"FAIL kernels never launched by the cases: {sorted(kernels - launched)}")
         failures += 1

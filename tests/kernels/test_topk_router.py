@@ -4,6 +4,9 @@ On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest); t
 variants (marker `gpu`) run the same checks compiled where a GPU is present.
 """
 
+from dataclasses import dataclass
+from typing import Optional
+
 import pytest
 import torch
 
@@ -17,10 +20,25 @@ PROBS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-5), torch.
 GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (4e-3, 2e-3)}
 
 
-def case(id, E, k, T, dtype, score="softmax", pre=False, groups=None, group_topk=None, bias=False,
-         scaling=None, padding=0.0):
-    return pytest.param(dict(E=E, k=k, T=T, dtype=dtype, score=score, pre=pre, groups=groups,
-                             group_topk=group_topk, bias=bias, scaling=scaling, padding=padding), id=id)
+@dataclass(frozen=True)
+class Case:
+    """One router configuration: E experts, top-k, T tokens of `dtype` logits."""
+
+    E: int
+    k: int
+    T: int
+    dtype: torch.dtype
+    score: str = "softmax"
+    pre: bool = False  # softmax before top-k
+    groups: Optional[int] = None
+    group_topk: Optional[int] = None
+    bias: bool = False  # an expert bias (sigmoid)
+    scaling: Optional[float] = None
+    padding: float = 0.0  # the fraction of padding tokens
+
+
+def case(id, *args, **kwargs):
+    return pytest.param(Case(*args, **kwargs), id=id)
 
 
 CASES = [
@@ -75,28 +93,28 @@ def launch_for(device):
 
 def make_inputs(c, seed, device):
     g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(c["T"], c["E"], generator=g) * 2).to(c["dtype"])
-    bias = torch.randn(c["E"], generator=g) * 0.05 if c["bias"] else None
-    padding = torch.rand(c["T"], generator=g) < c["padding"] if c["padding"] else None
+    logits = (torch.randn(c.T, c.E, generator=g) * 2).to(c.dtype)
+    bias = torch.randn(c.E, generator=g) * 0.05 if c.bias else None
+    padding = torch.rand(c.T, generator=g) < c.padding if c.padding else None
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     return logits, bias, padding, to
 
 
 def routing_kwargs(c):
-    return dict(score_function=c["score"], use_pre_softmax=c["pre"], num_groups=c["groups"],
-                group_topk=c["group_topk"], scaling_factor=c["scaling"])
+    return dict(score_function=c.score, use_pre_softmax=c.pre, num_groups=c.groups,
+                group_topk=c.group_topk, scaling_factor=c.scaling)
 
 
 def aux_dtype(c):
     """The dtype of the aux scores: fp32 softmax, or sigmoid scores in the logits dtype."""
-    return c["dtype"] if c["score"] == "sigmoid" else torch.float32
+    return c.dtype if c.score == "sigmoid" else torch.float32
 
 
 def selection_near_ties(ref, c):
-    tol = 4 * EPS[c["dtype"]] if not (c["score"] == "softmax" and not c["pre"]) else 0.0
-    near = near_tie_rows(ref.select, c["k"], max(tol, 4 * EPS[torch.float32]))
+    tol = 4 * EPS[c.dtype] if not (c.score == "softmax" and not c.pre) else 0.0
+    near = near_tie_rows(ref.select, c.k, max(tol, 4 * EPS[torch.float32]))
     if ref.group_scores is not None:
-        near |= near_tie_rows(ref.group_scores, c["group_topk"], max(tol, 4 * EPS[torch.float32]))
+        near |= near_tie_rows(ref.group_scores, c.group_topk, max(tol, 4 * EPS[torch.float32]))
     return near
 
 
@@ -123,15 +141,15 @@ def kernel_selection(out, T, k):
 @pytest.mark.parametrize("outputs", list(OUTPUTS))
 @pytest.mark.parametrize("c", CASES)
 def test_forward_matches_reference(c, outputs, device, poisoned):
-    logits, bias, padding, to = make_inputs(c, seed=c["E"] * 31 + c["k"], device=device)
-    out = fused_topk_router(to(logits), c["k"], expert_bias=to(bias), padding_mask=to(padding),
+    logits, bias, padding, to = make_inputs(c, seed=c.E * 31 + c.k, device=device)
+    out = fused_topk_router(to(logits), c.k, expert_bias=to(bias), padding_mask=to(padding),
                             launch=launch_for(device), **OUTPUTS[outputs], **routing_kwargs(c))
     assert (out.probs is None, out.topk_probs is None) == (not OUTPUTS[outputs]["dense"], outputs == "dense")
-    ref = reference_routing(logits, c["k"], expert_bias=bias, **routing_kwargs(c))
-    T, k = c["T"], c["k"]
+    ref = reference_routing(logits, c.k, expert_bias=bias, **routing_kwargs(c))
+    T, k = c.T, c.k
     valid = torch.ones(T, dtype=torch.bool) if padding is None else ~padding
     indices = kernel_selection(out, T, k)
-    selected = torch.zeros(T, c["E"], dtype=torch.bool).scatter(1, indices, True)
+    selected = torch.zeros(T, c.E, dtype=torch.bool).scatter(1, indices, True)
 
     # Every row holds exactly k distinct choices, consistent across map, indices and topk_probs.
     assert torch.equal(selected.sum(1), torch.full((T,), k))
@@ -143,17 +161,17 @@ def test_forward_matches_reference(c, outputs, device, poisoned):
     near = selection_near_ties(ref, c)
     if out.topk_indices is not None:
         assert torch.equal(indices[~near], ref.indices[~near])
-    ref_selected = torch.zeros(T, c["E"], dtype=torch.bool).scatter(1, ref.indices, True)
+    ref_selected = torch.zeros(T, c.E, dtype=torch.bool).scatter(1, ref.indices, True)
     assert torch.equal(selected[~near], ref_selected[~near])
     chosen_min = torch.where(selected, ref.select, torch.inf).amin(1)
     other_max = torch.where(selected, -torch.inf, ref.select).amax(1)
     scale = ref.select.abs().nan_to_num(posinf=0, neginf=0).amax(1).clamp(min=1)
-    grouped_near = (near_tie_rows(ref.group_scores, c["group_topk"], 1e-6) if ref.group_scores is not None
+    grouped_near = (near_tie_rows(ref.group_scores, c.group_topk, 1e-6) if ref.group_scores is not None
                     else torch.zeros(T, dtype=torch.bool))
-    assert bool((chosen_min >= other_max - 8 * EPS[c["dtype"]] * scale)[~grouped_near].all())
+    assert bool((chosen_min >= other_max - 8 * EPS[c.dtype] * scale)[~grouped_near].all())
     # Probabilities of the kernel's selection.
     ref_mine = reference_routing(logits, k, expert_bias=bias, indices=indices, **routing_kwargs(c))
-    rtol, atol = PROBS_TOL[c["dtype"]]
+    rtol, atol = PROBS_TOL[c.dtype]
     if out.probs is not None:
         torch.testing.assert_close(out.probs.cpu().double(), ref_mine.probs, rtol=rtol, atol=atol)
     if out.topk_probs is not None:
@@ -163,7 +181,7 @@ def test_forward_matches_reference(c, outputs, device, poisoned):
     stats = out.stats
     assert int(stats.valid_tokens) == int(valid.sum())
     assert torch.equal(stats.dispatch_counts.cpu(), (selected & valid[:, None]).sum(0))
-    aux_map = torch.zeros(T, c["E"], dtype=torch.bool).scatter(1, ref.aux_indices, True)
+    aux_map = torch.zeros(T, c.E, dtype=torch.bool).scatter(1, ref.aux_indices, True)
     aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[aux_dtype(c)])
     assert_counts_close(stats.aux_counts, aux_map, aux_near, valid)
     torch.testing.assert_close(stats.score_sums.cpu().double(), ref.aux_scores[valid].sum(0).detach(),
@@ -175,19 +193,19 @@ def test_forward_matches_reference(c, outputs, device, poisoned):
 def test_forward_matches_megatron(c, device):
     """Megatron-Core's own implementation, wherever no near-tie can flip a choice."""
     moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
-    logits, bias, padding, to = make_inputs(c, seed=c["E"] * 31 + c["k"], device=device)
-    out = fused_topk_router(to(logits), c["k"], expert_bias=to(bias), padding_mask=to(padding),
+    logits, bias, padding, to = make_inputs(c, seed=c.E * 31 + c.k, device=device)
+    out = fused_topk_router(to(logits), c.k, expert_bias=to(bias), padding_mask=to(padding),
                             launch=launch_for(device), **routing_kwargs(c))
     probs, routing_map = out.probs.cpu(), out.routing_map.cpu()
-    ref = reference_routing(logits, c["k"], expert_bias=bias, **routing_kwargs(c))
+    ref = reference_routing(logits, c.k, expert_bias=bias, **routing_kwargs(c))
     near = selection_near_ties(ref, c)
-    k = c["k"]
-    valid = torch.ones(c["T"], dtype=torch.bool) if padding is None else ~padding
-    rtol, atol = PROBS_TOL[c["dtype"]]
+    k = c.k
+    valid = torch.ones(c.T, dtype=torch.bool) if padding is None else ~padding
+    rtol, atol = PROBS_TOL[c.dtype]
     m_probs, m_map = moe_utils.topk_routing_with_score_function(logits, k, expert_bias=bias, **routing_kwargs(c))
     assert torch.equal(m_map[~near], routing_map[~near])
     torch.testing.assert_close(probs[~near].double(), m_probs[~near].double(), rtol=rtol, atol=atol)
-    m_aux_map, _ = moe_utils.compute_routing_scores_for_aux_loss(logits, k, c["score"], padding_mask=padding)
+    m_aux_map, _ = moe_utils.compute_routing_scores_for_aux_loss(logits, k, c.score, padding_mask=padding)
     aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[aux_dtype(c)])
     assert_counts_close(out.stats.aux_counts, m_aux_map, aux_near, valid)
 
@@ -196,17 +214,18 @@ def test_forward_matches_megatron(c, device):
 @pytest.mark.parametrize("c", CASES)
 def test_backward_matches_float64_autograd(c, outputs, device):
     """The gradient reaching the logits from whichever outputs are used (the dense path reads the
-    chosen experts from the routing map, the sparse one from topk_indices), plus LBL and z-loss."""
-    logits, bias, padding, to = make_inputs(c, seed=c["E"] * 17 + c["k"], device=device)
-    g = torch.Generator().manual_seed(c["T"])
-    grad_probs = torch.randn(c["T"], c["E"], generator=g).to(c["dtype"])
-    grad_topk_probs = torch.randn(c["T"], c["k"], generator=g).to(c["dtype"])
-    lbl = torch.randn(c["E"], generator=g) * 0.1
+    chosen experts from the routing map, the sparse one from topk_indices), plus a balancing loss
+    linear in score_sums and a z-loss in z_sum."""
+    logits, bias, padding, to = make_inputs(c, seed=c.E * 17 + c.k, device=device)
+    g = torch.Generator().manual_seed(c.T)
+    grad_probs = torch.randn(c.T, c.E, generator=g).to(c.dtype)
+    grad_topk_probs = torch.randn(c.T, c.k, generator=g).to(c.dtype)
+    lbl = torch.randn(c.E, generator=g) * 0.1
     z = 0.03
     x = to(logits).clone().requires_grad_()
-    out = fused_topk_router(x, c["k"], expert_bias=to(bias), padding_mask=to(padding), launch=launch_for(device),
-                            lbl_grad=lambda: to(lbl), z_grad=lambda: z, **OUTPUTS[outputs], **routing_kwargs(c))
-    loss = 0.0
+    out = fused_topk_router(x, c.k, expert_bias=to(bias), padding_mask=to(padding), launch=launch_for(device),
+                            **OUTPUTS[outputs], **routing_kwargs(c))
+    loss = (out.stats.score_sums * to(lbl)).sum() + z / 2 * out.stats.z_sum
     if out.probs is not None:
         loss = loss + (out.probs * to(grad_probs)).sum()
     if out.topk_probs is not None:
@@ -214,16 +233,16 @@ def test_backward_matches_float64_autograd(c, outputs, device):
     loss.backward()
 
     x64 = logits.double().requires_grad_()
-    ref = reference_routing(logits, c["k"], expert_bias=bias, indices=kernel_selection(out, c["T"], c["k"]), x=x64,
+    ref = reference_routing(logits, c.k, expert_bias=bias, indices=kernel_selection(out, c.T, c.k), x=x64,
                             **routing_kwargs(c))
-    valid = torch.ones(c["T"], dtype=torch.bool) if padding is None else ~padding
+    valid = torch.ones(c.T, dtype=torch.bool) if padding is None else ~padding
     total = (ref.aux_scores[valid] * lbl.double()).sum() + z / 2 * (ref.lse[valid] ** 2).sum()
     if out.probs is not None:
         total = total + (ref.probs * grad_probs.double()).sum()
     if out.topk_probs is not None:
         total = total + (ref.topk_probs * grad_topk_probs.double()).sum()
     total.backward()
-    rtol, atol = GRAD_TOL[c["dtype"]]
+    rtol, atol = GRAD_TOL[c.dtype]
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=rtol, atol=atol * float(x64.grad.abs().max()))
 
 
@@ -321,3 +340,25 @@ def test_nan_and_inf_logits_route_as_megatron_does(dtype, device, poisoned):
         numbers = ~m_probs.float().isnan() & ~tied[:, None]
         torch.testing.assert_close(probs[numbers], m_probs.float()[numbers], **dict(zip(("rtol", "atol"),
                                                                                      PROBS_TOL[dtype])))
+
+
+def test_load_router_compiles_each_specialization_once_and_keeps_its_verdict(monkeypatch):
+    """The kernels own their compile-and-load cache: one compile per specialization (what Triton
+    compiles an integer for: 1, a multiple of 16, or other), a failure raised again each time."""
+    compiled = []
+
+    def compile_and_load(logits, topk, gradients, options):
+        compiled.append((logits.shape[0], gradients))
+        if logits.shape[0] == 32:
+            raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(kernel_module, "_compile_and_load", compile_and_load)
+    monkeypatch.setattr(kernel_module, "_loads", {})
+    for tokens, gradients in ((12, ("probs",)), (13, ("probs",)), (16, ("probs",)), (13, ())):
+        kernel_module.load_router(torch.empty(tokens, 8), 2, gradients=gradients)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="shared memory"):
+            kernel_module.load_router(torch.empty(32, 8), 2, gradients=("probs", "score_sums"))
+    assert compiled == [(12, ("probs",)), (16, ("probs",)), (13, ()), (32, ("probs", "score_sums"))]
+    with pytest.raises(ValueError, match="unknown gradients \\['logits'\\]: choose from probs"):
+        kernel_module.load_router(torch.empty(4, 8), 2, gradients=("logits",))

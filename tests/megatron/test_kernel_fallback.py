@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import moe_lbl
-from moe_lbl.patches import megatron as patch_module
+from moe_lbl.patches.megatron import live, routing
+from moe_lbl.patches.megatron.layer import balancer_of, layer_of
 from tests.helpers.megatron import build_router
 
 ROUTER = dict(num_experts=8, topk=2, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=1e-3)
@@ -24,13 +25,12 @@ def auto_on_cpu(monkeypatch):
     whatever `failure` holds."""
     probes, failure = [], []
 
-    def load_router(logits, topk, backward=True, **options):
-        probes.append((tuple(logits.shape), topk, backward, options["padding_mask"] is not None))
+    def load_router(logits, topk, gradients=(), **options):
+        probes.append((tuple(logits.shape), topk, gradients, options["padding_mask"] is not None))
         if failure:
             raise failure[0]
-        return 0.0
 
-    monkeypatch.setattr(patch_module, "_on_gpu", lambda logits: True)
+    monkeypatch.setattr(routing, "_on_gpu", lambda logits: True)
     monkeypatch.setattr("moe_lbl.kernels.topk_router.load_router", load_router)
     return probes, failure
 
@@ -64,7 +64,7 @@ def test_a_kernel_that_fails_to_load_falls_back_with_one_warning(megatron_world,
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same reason warns once
         route(router, seed=1)
-    assert len(probes) == 1  # one probe per specialization, its verdict kept
+    assert len(probes) == 2  # one probe per router call (the kernels keep each specialization's verdict)
     for a, b in zip(got, want):
         assert torch.equal(a, b)  # exactly Megatron's routing
 
@@ -78,7 +78,7 @@ def test_kernels_true_raises_the_load_failure(megatron_world, auto_on_cpu):
         route(build_router(**ROUTER))
 
 
-def test_kernels_that_load_run_fused_and_are_probed_once_per_specialization(megatron_world, auto_on_cpu):
+def test_kernels_that_load_run_fused_with_the_gradients_their_backward_gets(megatron_world, auto_on_cpu):
     probes, _ = auto_on_cpu
     moe_lbl.patch_megatron(kernels="auto")
     torch.manual_seed(1)
@@ -89,8 +89,9 @@ def test_kernels_that_load_run_fused_and_are_probed_once_per_specialization(mega
         route(router, seed=1)
         with torch.no_grad():  # another specialization: no statistics, no backward
             router.routing(torch.randn(12, 1, 8))
-    assert probes == [((12, 8), 2, True, False), ((12, 8), 2, False, False)]
-    assert patch_module.balancer_of(router).enabled  # the fused path registered its counts
+    training = ((12, 8), 2, ("probs", "score_sums", "z_sum"), False)
+    assert probes == [training, training, ((12, 8), 2, (), False)]
+    assert balancer_of(router).enabled  # the fused path registered its counts
 
 
 @pytest.mark.parametrize("change,reason", [
@@ -102,15 +103,16 @@ def test_options_the_kernels_lack_fall_back(megatron_world, auto_on_cpu, change,
     probes, _ = auto_on_cpu
     moe_lbl.patch_megatron(kernels="auto")
     router = build_router(**ROUTER)
+    layer = layer_of(router)  # (the engine of a quantile-balancing router would refuse the patch's scope)
     for name, value in change.items():
         setattr(router, name, value)
     if "routing_type" in change:
         router.config.moe_router_load_balancing_type = change["routing_type"]
         router.config.moe_aux_loss_coeff = [0.1, 0.0]
-    assert reason in patch_module._fused_unsupported(router, torch.zeros(4, 8))
+    assert reason in routing._fused_unsupported(router, torch.zeros(4, 8), live.current())
     with pytest.warns(UserWarning, match=f"falls back to Megatron's routing: {reason}"):
-        assert not patch_module._kernels_on(router, torch.zeros(4, 8), None)
+        assert routing._fused_call(router, layer, torch.zeros(4, 8), None, live.current()) is None
     assert probes == []  # refused before any compile
     moe_lbl.patch_megatron(kernels=True)
     with pytest.raises(ValueError, match=f"cannot fuse this router: {reason}"):
-        patch_module._kernels_on(router, torch.zeros(4, 8), None)
+        routing._fused_call(router, layer, torch.zeros(4, 8), None, live.current())

@@ -5,12 +5,15 @@ and returns its logits gradients and logged values; this process recomputes ever
 loss and gradient in float64 from all ranks' data.
 """
 
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
 import pytest
 import torch
 
+from moe_lbl.demo.tiny_gpt import spawn
 from moe_lbl.engine import BalanceConfig
-from moe_lbl.tiny_gpt import spawn
-from tests.helpers.reference import assert_matches_reference, reference_losses
+from tests.helpers.reference import MicroBatchResult, assert_matches_reference, reference_losses
 
 pytestmark = pytest.mark.cpu_harness
 
@@ -39,21 +42,40 @@ def micro_batch(rank, j, padding_mask=True):
     return logits, padding.view(seq, batch)
 
 
+class StepResult(NamedTuple):
+    """One optimizer step on one rank: per micro-batch the logits gradient and the dispatched
+    load, and the layer's balance metrics of the step."""
+
+    grads: list
+    loads: list
+    balance: object  # moe_lbl.metrics.LayerBalance
+
+
+@dataclass
+class RankResult:
+    features: object  # the rank's compatibility.Features
+    variants: dict = field(default_factory=dict)  # VARIANTS name -> [MicroBatchResult per micro-batch]
+    two_steps: list = field(default_factory=list)  # [StepResult per step]
+    megatron_global_aux_loss: Optional[torch.Tensor] = None  # unpatched, first micro-batch's logits grad
+
+
 def rank_worker(rank, world_size):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     import moe_lbl
-    from moe_lbl.patches.megatron import balancer_of, features, tracker_names
+    from moe_lbl.patches.megatron import features
+    from moe_lbl.patches.megatron.configuration import tracker_names
+    from moe_lbl.patches.megatron.layer import balancer_of
     from tests.helpers.megatron import build_router, take_tracker
 
     found = features()
-    results = {"features": found}
+    result = RankResult(found)
     for name, options in VARIANTS.items():
         if options.get("kernels") and not found.fused_routing:
             continue
         moe_lbl.patch_megatron(**options)
         router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF)
-        grads, logged = [], []
+        micro_batches = []
         for j in range(NUM_MICRO_BATCHES):
             logits, padding = micro_batch(rank, j, found.padding_mask)
             logits.requires_grad_()
@@ -61,15 +83,16 @@ def rank_worker(rank, world_size):
             kwargs = {"padding_mask": padding} if found.padding_mask else {}
             probs, _ = router.routing(logits, **kwargs)
             (probs * 0).sum().backward()  # only the balancing loss reaches the logits
-            grads.append(logits.grad.view(-1, NUM_EXPERTS))
-            engine_name = {v: k for k, v in tracker_names(router.config, balancer_of(router).config).items()}
-            logged.append({engine_name[k]: float(v[0]) for k, v in take_tracker().items() if v[0] != 0})
+            names = tracker_names(router.config, balancer_of(router).config)  # scope -> Megatron's name
+            scope_of = {name: scope for scope, name in names.items()}  # any other logged name fails here
+            values = {scope_of[name]: float(v[0]) for name, v in take_tracker().items() if v[0] != 0}
+            micro_batches.append(MicroBatchResult(logits.grad.view(-1, NUM_EXPERTS), values))
         balancer_of(router).end_step()
         moe_lbl.unpatch_megatron()
-        results[name] = (grads, logged)
-    results["two-steps"] = two_steps(rank, found)
+        result.variants[name] = micro_batches
+    result.two_steps = two_steps(rank, found)
     if not found.padding_mask:
-        return results
+        return result
     # Megatron-Core's own global_aux_loss, unpatched, on the first micro-batch (NVIDIA/Megatron-LM #3672).
     router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF, moe_router_load_balancing_type="global_aux_loss")
     logits, padding = micro_batch(rank, 0)
@@ -77,18 +100,17 @@ def rank_worker(rank, world_size):
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / NUM_MICRO_BATCHES)
     probs, _ = router.routing(logits, padding_mask=padding)
     (probs * 0).sum().backward()
-    results["megatron-global-aux-loss"] = logits.grad.view(-1, NUM_EXPERTS)
-    return results
+    result.megatron_global_aux_loss = logits.grad.view(-1, NUM_EXPERTS)
+    return result
 
 
-def two_steps(rank, found):
-    """Two optimizer steps of global balance, closed by moe_lbl.end_step; per step: the logits
-    gradients, the dispatched loads of each micro-batch and the layer's balance metrics."""
+def two_steps(rank, found) -> list:
+    """Two optimizer steps of global balance, closed by moe_lbl.end_step."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     import moe_lbl
     from moe_lbl.metrics import layer_balance
-    from moe_lbl.patches.megatron import balancer_of
+    from moe_lbl.patches.megatron.layer import balancer_of
     from tests.helpers.megatron import build_router
 
     moe_lbl.patch_megatron(scope="global")
@@ -106,7 +128,7 @@ def two_steps(rank, found):
             grads.append(logits.grad.view(-1, NUM_EXPERTS))
             loads.append((routing_map & ~padding.reshape(-1, 1)).sum(0))
         moe_lbl.end_step(router)
-        steps.append((grads, loads, layer_balance(router.layer_number, balancer_of(router))))
+        steps.append(StepResult(grads, loads, layer_balance(router.layer_number, balancer_of(router))))
     moe_lbl.unpatch_megatron()
     return steps
 
@@ -129,63 +151,63 @@ def ranks():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_each_micro_batch_matches_the_formulas(ranks, variant):
-    found = ranks[0]["features"]
-    if variant not in ranks[0]:
+    found = ranks[0].features
+    if variant not in ranks[0].variants:
         pytest.skip(f"megatron-core {found.version} has no fused routing path")
-    assert_matches_reference({(r, j): (result[variant][0][j], result[variant][1][j])
-                              for r, result in enumerate(ranks) for j in range(NUM_MICRO_BATCHES)},
+    assert_matches_reference({(r, j): result.variants[variant][j] for r, result in enumerate(ranks)
+                              for j in range(NUM_MICRO_BATCHES)},
                              expected(VARIANTS[variant], found.padding_mask))
 
 
 def test_async_and_sync_give_identical_results(ranks):
     for result in ranks:
-        assert result["global"][1] == result["global-sync"][1]
-        for a, b in zip(result["global"][0], result["global-sync"][0]):
-            assert torch.equal(a, b)
+        for a, b in zip(result.variants["global"], result.variants["global-sync"]):
+            assert a.values == b.values
+            assert torch.equal(a.grad, b.grad)
 
 
 def test_global_differs_from_micro(ranks):
     # Guards the comparison above against a reference that ignores the other rank.
-    grads_global, grads_micro = ranks[1]["global"][0], ranks[1]["micro"][0]
-    assert not torch.allclose(grads_global[0], grads_micro[0], rtol=1e-3)
+    grad_global, grad_micro = ranks[1].variants["global"][0].grad, ranks[1].variants["micro"][0].grad
+    assert not torch.allclose(grad_global, grad_micro, rtol=1e-3)
 
 
 def test_megatron_global_aux_loss_gradient_is_too_small_by_global_over_local_tokens(ranks):
     # Upstream divides the local P by the global token count (NVIDIA/Megatron-LM #3672): on the
     # first micro-batch its gradient is ours times T_local / T_global (about 1/dp).
-    if "megatron-global-aux-loss" not in ranks[0]:
+    if ranks[0].megatron_global_aux_loss is None:
         pytest.skip("checked on megatron-core 0.16, whose global_aux_loss takes padding masks")
     tokens = {r: float((~micro_batch(r, 0)[1]).sum()) for r in SHAPES}
     total = sum(tokens.values())
     for r, result in enumerate(ranks):
-        torch.testing.assert_close(result["megatron-global-aux-loss"] * (total / tokens[r]),
-                                   result["global"][0][0], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(result.megatron_global_aux_loss * (total / tokens[r]),
+                                   result.variants["global"][0].grad, rtol=1e-5, atol=1e-8)
 
 
 def test_two_steps_of_global_balance_match_the_formulas_step_by_step(ranks):
     """Each step's global batch is its own (the buffer resets between steps): every micro-batch
     of both steps matches the float64 formulas of its step, and global differs from micro."""
-    found = ranks[0]["features"]
+    found = ranks[0].features
     for step in range(2):
         want = expected(VARIANTS["global"], found.padding_mask, step)
         micro = expected(VARIANTS["micro"], found.padding_mask, step)
         for r, result in enumerate(ranks):
             for j in range(NUM_MICRO_BATCHES):
-                grad = result["two-steps"][step][0][j].double()
-                torch.testing.assert_close(grad, want[r, j][0], rtol=1e-5, atol=1e-8)
-                assert not torch.allclose(grad, micro[r, j][0], rtol=1e-3)
+                grad = result.two_steps[step].grads[j].double()
+                torch.testing.assert_close(grad, want[r, j].grad, rtol=1e-5, atol=1e-8)
+                assert not torch.allclose(grad, micro[r, j].grad, rtol=1e-3)
 
 
 def test_balance_metrics_agree_across_ranks_with_a_direct_computation(ranks):
     from moe_lbl.metrics import max_violation
 
     for step in range(2):
-        loads = {(r, j): result["two-steps"][step][1][j] for r, result in enumerate(ranks)
+        loads = {(r, j): result.two_steps[step].loads[j] for r, result in enumerate(ranks)
                  for j in range(NUM_MICRO_BATCHES)}
         total = sum(loads.values())
         micro = sum(float(max_violation(load)) for load in loads.values()) / len(loads)
         for result in ranks:  # a collective: every rank holds the same, whole-batch values
-            balance = result["two-steps"][step][2]
+            balance = result.two_steps[step].balance
             assert balance.tokens_per_expert == tuple(int(x) for x in total)
             assert balance.global_max_vio == pytest.approx(float(max_violation(total)), rel=1e-12)
             assert balance.micro_max_vio == pytest.approx(micro, rel=1e-12)

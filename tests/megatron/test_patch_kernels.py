@@ -3,12 +3,14 @@
 On CPU the kernels run in Triton's interpreter (kernels=True forces them there).
 """
 
+from typing import NamedTuple, Optional
+
 import pytest
 import torch
 
 import moe_lbl
-from moe_lbl.patches.megatron import balancer_of
-from moe_lbl.tiny_gpt import TinyGPT, build_gpt, forward_loss, synthetic_batches
+from moe_lbl.demo.tiny_gpt import TinyGPT, build_gpt, forward_loss, synthetic_batches
+from moe_lbl.patches.megatron.layer import balancer_of
 from tests.helpers.megatron import build_router, take_tracker
 
 ROUTERS = {
@@ -26,25 +28,39 @@ SCOPES = {"softmax-top2-global-z": dict(scope="global"), "sigmoid-bias-groups-mi
           "softmax-capacity": dict(scope="global")}
 
 
-def run(name, kernels, logits, padding, weight):
+class MicroBatch(NamedTuple):
+    probs: torch.Tensor
+    routing_map: torch.Tensor
+    grad: torch.Tensor  # of the logits
+    tracker: dict  # Megatron's tracker values by name
+
+
+class Run(NamedTuple):
+    micro_batches: list  # [MicroBatch]
+    buffered_counts: torch.Tensor  # the engine's counts and tokens after the step's micro-batches
+    loads: list  # the dispatched loads it recorded
+    expert_bias_counts: Optional[torch.Tensor]  # the router's local_tokens_per_expert, with expert bias
+
+
+def run(name, kernels, logits, padding, weight) -> Run:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     moe_lbl.patch_megatron(kernels=kernels, **SCOPES[name])
     router = build_router(moe_aux_loss_coeff=0.1, **ROUTERS[name])
     if router.expert_bias is not None:
         router.expert_bias.copy_(torch.linspace(-0.05, 0.05, router.expert_bias.numel()))
-    results = []
+    micro_batches = []
     for j in range(2):
         x = logits[j].clone().requires_grad_()
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([0.5]))
         probs, routing_map = router.routing(x, padding_mask=padding[j])
         (probs * weight[j]).sum().backward()
-        results.append((probs.detach(), routing_map, x.grad, take_tracker()))
+        micro_batches.append(MicroBatch(probs.detach(), routing_map, x.grad, take_tracker()))
     balancer = balancer_of(router)
-    results.append((balancer.buffered_counts, list(balancer._loads),
-                    None if router.local_tokens_per_expert is None else router.local_tokens_per_expert.clone()))
+    result = Run(micro_batches, balancer.buffered_counts, list(balancer._loads),
+                 None if router.local_tokens_per_expert is None else router.local_tokens_per_expert.clone())
     moe_lbl.unpatch_megatron()
-    return results
+    return result
 
 
 @pytest.mark.parametrize("name", list(ROUTERS))
@@ -58,18 +74,17 @@ def test_fused_patched_router_matches_unfused(megatron_world, name):
     weight = [torch.randn(27, E, generator=g) for _ in range(2)]
     unfused = run(name, False, logits, padding, weight)
     fused = run(name, True, logits, padding, weight)
-    for (p0, m0, g0, t0), (p1, m1, g1, t1) in zip(unfused[:2], fused[:2]):
-        assert torch.equal(m0, m1)
-        torch.testing.assert_close(p1, p0, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
-        assert t0.keys() == t1.keys() and t0
-        for key in t0:
-            torch.testing.assert_close(t1[key], t0[key], rtol=1e-5, atol=0)
-    for a, b in zip(unfused[2], fused[2]):
-        if isinstance(a, list):
-            assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
-        else:
-            assert (a is None and b is None) or torch.equal(a, b)
+    for want, got in zip(unfused.micro_batches, fused.micro_batches):
+        assert torch.equal(got.routing_map, want.routing_map)
+        torch.testing.assert_close(got.probs, want.probs, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6 * float(want.grad.abs().max()))
+        assert got.tracker.keys() == want.tracker.keys() and want.tracker
+        for key in want.tracker:
+            torch.testing.assert_close(got.tracker[key], want.tracker[key], rtol=1e-5, atol=0)
+    for a, b in ((fused.buffered_counts, unfused.buffered_counts),  # None in micro scope
+                 (fused.expert_bias_counts, unfused.expert_bias_counts)):  # None without expert bias
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert len(fused.loads) == len(unfused.loads) and all(map(torch.equal, fused.loads, unfused.loads))
 
 
 def test_gpt_step_with_kernels_matches_without(megatron_world):
@@ -121,11 +136,12 @@ def test_fused_router_routes_bf16_logits_as_megatron(megatron_world):
     weight = [torch.randn(192, 16, generator=g).bfloat16() for _ in range(2)]
     unfused = run(name, False, logits, [None, None], weight)
     fused = run(name, True, logits, [None, None], weight)
-    for (p0, m0, g0, _), (p1, m1, g1, _) in zip(unfused[:2], fused[:2]):
-        assert p1.dtype == p0.dtype == torch.bfloat16
-        assert torch.equal(m1, m0)
-        assert torch.equal(p1, p0)
-        torch.testing.assert_close(g1.float(), g0.float(), rtol=0, atol=2e-2 * float(g0.float().abs().max()))
+    for want, got in zip(unfused.micro_batches, fused.micro_batches):
+        assert got.probs.dtype == want.probs.dtype == torch.bfloat16
+        assert torch.equal(got.routing_map, want.routing_map)
+        assert torch.equal(got.probs, want.probs)
+        torch.testing.assert_close(got.grad.float(), want.grad.float(), rtol=0,
+                                   atol=2e-2 * float(want.grad.float().abs().max()))
 
 
 def test_fused_router_routes_bf16_logits_after_softmax_as_megatron(megatron_world, monkeypatch):
@@ -145,13 +161,13 @@ def test_fused_router_routes_bf16_logits_after_softmax_as_megatron(megatron_worl
     unfused = run(name, False, logits, [None, None], weight)
     fused = run(name, True, logits, [None, None], weight)
     assert routed_dtypes == [torch.bfloat16] * 2  # no fp32 copy of the logits
-    for x, (p0, m0, g0, _), (p1, m1, g1, _) in zip(logits, unfused[:2], fused[:2]):
+    for x, want, got in zip(logits, unfused.micro_batches, fused.micro_batches):
         top = torch.sort(x.reshape(-1, 8).float(), dim=-1, descending=True).values
         untied = top[:, 1] != top[:, 2]
         assert int(untied.sum()) > 150
-        assert p1.dtype == p0.dtype == torch.bfloat16
-        assert torch.equal(m1[untied], m0[untied])
+        assert got.probs.dtype == want.probs.dtype == torch.bfloat16
+        assert torch.equal(got.routing_map[untied], want.routing_map[untied])
         # Within one bf16 rounding: fp32 exp differs in its last bits between torch and the kernels.
-        torch.testing.assert_close(p1[untied].float(), p0[untied].float(), rtol=2 ** -7, atol=0)
-        g0, g1 = g0.reshape(-1, 8)[untied].float(), g1.reshape(-1, 8)[untied].float()
+        torch.testing.assert_close(got.probs[untied].float(), want.probs[untied].float(), rtol=2 ** -7, atol=0)
+        g0, g1 = want.grad.reshape(-1, 8)[untied].float(), got.grad.reshape(-1, 8)[untied].float()
         torch.testing.assert_close(g1, g0, rtol=0, atol=2e-2 * float(g0.abs().max()))

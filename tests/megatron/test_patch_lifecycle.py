@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import moe_lbl
+from moe_lbl.demo.tiny_gpt import TinyGPT, build_gpt, forward_loss, synthetic_batches, train_step, wrap_ddp
 from moe_lbl.patches import megatron as patch_module
-from moe_lbl.tiny_gpt import TinyGPT, build_gpt, forward_loss, synthetic_batches, train_step, wrap_ddp
+from moe_lbl.patches.megatron import compatibility
 from tests.helpers.megatron import build_router
 
 
@@ -45,7 +46,7 @@ def test_torch_checkpointing_registers_each_micro_batch_once(megatron_world, ree
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from torch.utils.checkpoint import checkpoint
 
-    from moe_lbl.patches.megatron import balancer_of
+    from moe_lbl.patches.megatron.layer import balancer_of
 
     g = torch.Generator().manual_seed(4)
     logits = [torch.randn(10, 2, 8, generator=g) for _ in range(2)]
@@ -121,10 +122,10 @@ def test_patch_unpatch_round_trip(megatron_world):
     assert moe_lbl.patch_megatron(scope="global") == options and patched_objects() == patched  # idempotent
     router = build_router()
     router.routing(torch.randn(4, 1, 8))
-    assert hasattr(router, "_moe_lbl_balancer")
+    assert hasattr(router, "_moe_lbl_layer")
     moe_lbl.unpatch_megatron()
     assert not moe_lbl.is_patched() and patched_objects() == originals
-    assert not hasattr(router, "_moe_lbl_balancer")
+    assert not hasattr(router, "_moe_lbl_layer")
     moe_lbl.unpatch_megatron()  # a no-op when not patched
     moe_lbl.patch_megatron(scope="micro", coeff=0.1)
     assert patched_objects() == patched
@@ -137,10 +138,12 @@ def test_patch_unpatch_round_trip(megatron_world):
     (dict(coeff=-0.01), "coeff must be a finite number >= 0"),
     (dict(micro_coeff=-1), "micro_coeff must be a finite number >= 0"),
     (dict(scope="micro", micro_coeff=0.01), "with scope='micro' set coeff instead"),
+    (dict(scoep="micro"), r"unknown options \['scoep'\]: it takes scope, coeff, micro_coeff, buffer, async_sync, "
+                          "kernels and config"),
 ])
 def test_invalid_arguments_patch_nothing(megatron_world, kwargs, error):
     originals = patched_objects()
-    with pytest.raises(ValueError, match=error):
+    with pytest.raises((ValueError, TypeError), match=error):
         moe_lbl.patch_megatron(**kwargs)
     assert not moe_lbl.is_patched() and patched_objects() == originals
 
@@ -148,11 +151,11 @@ def test_invalid_arguments_patch_nothing(megatron_world, kwargs, error):
 def test_unsupported_version_patches_nothing(megatron_world, monkeypatch):
     moe_lbl.patch_megatron(scope="micro")
     before = patched_objects()
-    monkeypatch.setattr(patch_module, "megatron_core_version", lambda: "0.11.0")
+    monkeypatch.setattr(compatibility, "megatron_core_version", lambda: "0.11.0")
     refused = r"megatron-core 0.11.0 is not supported.*" + re.escape(patch_module.SUPPORTED_MEGATRON)
     with pytest.raises(patch_module.UnsupportedMegatronVersion, match=refused):
         moe_lbl.patch_megatron(scope="global")
-    monkeypatch.setattr(patch_module, "megatron_core_version", lambda: None)
+    monkeypatch.setattr(compatibility, "megatron_core_version", lambda: None)
     with pytest.raises(patch_module.UnsupportedMegatronVersion, match="megatron-core is not installed"):
         moe_lbl.patch_megatron(scope="global")
     monkeypatch.undo()

@@ -48,3 +48,24 @@ def test_each_replacement_wraps_its_original_and_says_what_it_replaces():
     for owner, name, replacement in points:
         assert owner.__dict__[name] is originals[id(owner), name]
         assert not hasattr(replacement, "__wrapped__"), name
+
+
+def test_every_patch_option_is_an_argument_a_launcher_flag_a_variable_and_documented():
+    """PatchOptions states the options once: patch_megatron's signature and the launcher's flags
+    and variables are made from it, and the README's table documents each."""
+    import inspect
+
+    import moe_lbl
+    from moe_lbl import run as launcher
+    from moe_lbl.patches.megatron.configuration import OPTIONS
+
+    parameters = inspect.signature(moe_lbl.patch_megatron).parameters
+    assert list(parameters) == [option.name for option in OPTIONS] + ["config"]
+    assert all(parameters[option.name].default == option.default for option in OPTIONS)
+    usage = launcher._argument_parser().format_help()
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    for option in OPTIONS:
+        assert launcher.flag(option.name) in usage and launcher.variable(option.name) in usage, option.name
+        default = f'"{option.default}"' if isinstance(option.default, str) else option.default
+        assert f"\n| `{option.name}={default}`" in readme, option.name

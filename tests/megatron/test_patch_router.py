@@ -1,14 +1,25 @@
 """The patch on a real Megatron-Core TopKRouter, one rank, in this process."""
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
 import moe_lbl
+from moe_lbl.patches.megatron.configuration import tracker_names
+from moe_lbl.patches.megatron.layer import balancer_of
 from tests.helpers.megatron import build_router, take_tracker
 
 
-def route(router, logits, padding_mask, probs_weight, loss_scale):
-    """One training micro-batch through router.routing; returns probs, map, logits grad, tracker."""
+class Routed(NamedTuple):
+    probs: torch.Tensor
+    routing_map: torch.Tensor
+    grad: torch.Tensor  # of the logits
+    tracker: dict  # Megatron's tracker values by name
+
+
+def route(router, logits, padding_mask, probs_weight, loss_scale) -> Routed:
+    """One training micro-batch through router.routing."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     logits = logits.clone().requires_grad_()
@@ -16,7 +27,7 @@ def route(router, logits, padding_mask, probs_weight, loss_scale):
     kwargs = {} if padding_mask is None else {"padding_mask": padding_mask}
     probs, routing_map = router.routing(logits, **kwargs)
     (probs * probs_weight).sum().backward()
-    return probs.detach(), routing_map, logits.grad, take_tracker()
+    return Routed(probs.detach(), routing_map, logits.grad, take_tracker())
 
 
 def random_case(seq, batch, num_experts, num_padding, seed):
@@ -43,11 +54,12 @@ def test_micro_scope_reproduces_megatron_aux_loss(megatron_world, megatron_featu
     want = route(build_router(**kwargs), logits, padding, weight, loss_scale=0.5)
     moe_lbl.patch_megatron(scope="micro")
     got = route(build_router(**kwargs), logits, padding, weight, loss_scale=0.5)
-    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # probs
-    assert torch.equal(got[1], want[1])  # routing map
-    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-9)  # logits gradient
-    assert got[3].keys() == want[3].keys() == {"load_balancing_loss"}
-    torch.testing.assert_close(got[3]["load_balancing_loss"], want[3]["load_balancing_loss"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.probs, want.probs, rtol=0, atol=0)
+    assert torch.equal(got.routing_map, want.routing_map)
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-6, atol=1e-9)
+    assert got.tracker.keys() == want.tracker.keys() == {"load_balancing_loss"}
+    torch.testing.assert_close(got.tracker["load_balancing_loss"], want.tracker["load_balancing_loss"], rtol=1e-6,
+                               atol=0)
 
 
 def test_global_equals_micro_with_one_rank_and_one_micro_batch(megatron_world, megatron_features):
@@ -56,15 +68,12 @@ def test_global_equals_micro_with_one_rank_and_one_micro_batch(megatron_world, m
     micro = route(build_router(num_experts=16, topk=4), logits, padding, weight, 1.0)
     moe_lbl.patch_megatron(scope="global")
     glob = route(build_router(num_experts=16, topk=4), logits, padding, weight, 1.0)
-    torch.testing.assert_close(glob[2], micro[2], rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(glob[3]["load_balancing_loss"], micro[3]["load_balancing_loss"],
+    torch.testing.assert_close(glob.grad, micro.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(glob.tracker["load_balancing_loss"], micro.tracker["load_balancing_loss"],
                                rtol=1e-6, atol=0)
 
 
 def test_megatron_flags_map_onto_the_engine(megatron_world, megatron_features):
-    from moe_lbl.engine import GLOBAL_LOSS_NAME
-    from moe_lbl.patches.megatron import balancer_of, tracker_names
-
     moe_lbl.patch_megatron(scope="global", micro_coeff=0.0)
     cases = {("aux_loss", 0.1): ("global", 0.1, 0.0)}
     if megatron_features.global_aux_loss:
@@ -79,12 +88,12 @@ def test_megatron_flags_map_onto_the_engine(megatron_world, megatron_features):
         config = balancer_of(router).config
         assert (config.scope, config.coeff, config.micro_coeff) == (scope, coeff, micro_coeff), types
         # The main term is logged under the name Megatron's training log asks for with these types.
-        main = tracker_names(router.config, config)[GLOBAL_LOSS_NAME]
+        main = tracker_names(router.config, config)["global"]
         assert main == ("global_load_balancing_loss" if "global_aux_loss" in types else "load_balancing_loss")
     moe_lbl.patch_megatron(scope="global", micro_coeff=1e-4)
     router = build_router(moe_aux_loss_coeff=0.1)
     assert tracker_names(router.config, balancer_of(router).config) == {
-        "global_load_balancing_loss": "load_balancing_loss", "load_balancing_loss": "micro_load_balancing_loss"}
+        "global": "load_balancing_loss", "micro": "micro_load_balancing_loss"}
     moe_lbl.patch_megatron(scope="micro", coeff=0.05)
     assert balancer_of(build_router(moe_aux_loss_coeff=0.1)).config.coeff == 0.05
 
@@ -96,7 +105,7 @@ def test_seq_aux_loss_is_left_to_megatron(megatron_world, megatron_features):
     kwargs = dict(moe_router_load_balancing_type=["seq_aux_loss", "global_aux_loss"],
                   moe_aux_loss_coeff=[0.1, 0.2])
     moe_lbl.patch_megatron(scope="global")
-    *_, tracker = route(build_router(**kwargs), logits, None, weight, 1.0)
+    tracker = route(build_router(**kwargs), logits, None, weight, 1.0).tracker
     assert set(tracker) == {"seq_load_balancing_loss", "global_load_balancing_loss"}
     assert float(tracker["seq_load_balancing_loss"][0]) > 0
 
@@ -127,12 +136,12 @@ def test_a_coefficient_changed_at_run_time_applies_as_unpatched(megatron_world, 
     want = two_coefficients()
     moe_lbl.patch_megatron(scope="micro")
     got = two_coefficients()
-    assert not torch.allclose(want[0][2], want[1][2])  # the change matters to the gradient
+    assert not torch.allclose(want[0].grad, want[1].grad)  # the change matters to the gradient
     for g, w in zip(got, want):
-        torch.testing.assert_close(g[2], w[2], rtol=1e-6, atol=1e-9)
-        for name in g[3].keys() | w[3].keys():  # an entry a run never wrote reads as zero
+        torch.testing.assert_close(g.grad, w.grad, rtol=1e-6, atol=1e-9)
+        for name in g.tracker.keys() | w.tracker.keys():  # an entry a run never wrote reads as zero
             zero = torch.zeros(1)
-            torch.testing.assert_close(g[3].get(name, zero), w[3].get(name, zero), rtol=1e-6, atol=0)
+            torch.testing.assert_close(g.tracker.get(name, zero), w.tracker.get(name, zero), rtol=1e-6, atol=0)
 
 
 def test_fp64_routing_keeps_the_loss_in_fp64(megatron_world, megatron_features):
@@ -155,10 +164,10 @@ def test_fp64_routing_keeps_the_loss_in_fp64(megatron_world, megatron_features):
     want = route(build_router(**kwargs), logits, padding, weight, loss_scale=0.5)
     moe_lbl.patch_megatron(scope="micro")
     got = route(build_router(**kwargs), logits, padding, weight, loss_scale=0.5)
-    assert got[2].dtype == want[2].dtype == torch.float64
-    torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-15)
+    assert got.grad.dtype == want.grad.dtype == torch.float64
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-15)
     # The tracker stores fp32: both fp64 values round to the same one.
-    torch.testing.assert_close(got[3]["load_balancing_loss"], want[3]["load_balancing_loss"], rtol=0, atol=0)
+    torch.testing.assert_close(got.tracker["load_balancing_loss"], want.tracker["load_balancing_loss"], rtol=0, atol=0)
 
 
 def test_repeated_mtp_router_logs_and_weighs_as_megatron(megatron_world, megatron_features):
@@ -176,10 +185,10 @@ def test_repeated_mtp_router_logs_and_weighs_as_megatron(megatron_world, megatro
     want = route(build_router(**kwargs), logits, padding, weight, loss_scale=1.0)
     moe_lbl.patch_megatron(scope="micro")
     got = route(build_router(**kwargs), logits, padding, weight, loss_scale=1.0)
-    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-9)
-    lbl = want[3]["load_balancing_loss"]
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-6, atol=1e-9)
+    lbl = want.tracker["load_balancing_loss"]
     assert lbl.shape == (4,) and lbl[1] > 0 and lbl[0] == 0  # layer 1 of the MTP block: row 1 + num_layers
-    torch.testing.assert_close(got[3]["load_balancing_loss"], lbl, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.tracker["load_balancing_loss"], lbl, rtol=1e-6, atol=0)
 
 
 def test_balancing_scores_are_megatrons_for_each_score_function(megatron_world):
@@ -187,7 +196,7 @@ def test_balancing_scores_are_megatrons_for_each_score_function(megatron_world):
     compute_routing_scores_for_aux_loss for every score function it has (sqrtsoftplus: 0.17+)."""
     from megatron.core.transformer.moe import moe_utils
 
-    from moe_lbl.engine import SCORE_FUNCTIONS, balancing_scores
+    from moe_lbl.scores import SCORE_FUNCTIONS, balancing_scores
 
     if not hasattr(moe_utils, "compute_routing_scores_for_aux_loss"):
         pytest.skip("compute_routing_scores_for_aux_loss is 0.14+")
@@ -224,8 +233,6 @@ def test_megatron_log_shows_max_vio_beside_the_losses(megatron_world, megatron_f
     if not megatron_features.metrics_tracker:
         pytest.skip(f"megatron-core {megatron_features.version} logs without moe_logging's metrics tracker")
     from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
-
-    from moe_lbl.patches.megatron import balancer_of
 
     moe_lbl.patch_megatron(scope="global")
     router = build_router(num_experts=8, topk=2)

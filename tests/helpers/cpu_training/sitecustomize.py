@@ -11,7 +11,6 @@ fusions, the allgather dispatcher). Two recorders serve the test's checks:
   top-k, score sums, tokens) is appended to DIR/rank<R>.jsonl, one line per layer and micro-batch.
 """
 
-import contextlib
 import json
 import os
 import sys
@@ -29,12 +28,13 @@ def _apply():
 
         typing.override = typing_extensions.override
 
-    # Router buffers, the aux-loss scale and the training loop place tensors on
-    # torch.cuda.current_device().
-    torch.cuda.current_device = lambda: "cpu"
-    # DDP is built under a side stream, the loop synchronizes, DDP waits on the current stream:
-    # torch.cpu has no-op versions of each.
-    for name in ("Stream", "current_stream", "stream", "synchronize"):
+    # What any CPU run of Megatron-Core needs (router buffers and the loop on
+    # torch.cuda.current_device(), DDP waiting on the current stream, the RNG tracker's fork).
+    from moe_lbl.patches.cpu import apply_cpu_shims
+
+    apply_cpu_shims()
+    # DDP is built under a side stream and the loop synchronizes: torch.cpu has no-op versions.
+    for name in ("Stream", "stream", "synchronize"):
         setattr(torch.cuda, name, getattr(torch.cpu, name))
     # Megatron moves the model with .cuda() (Module.cuda calls Tensor.cuda) and creates tensors
     # with device="cuda" (loss reductions, grad norm, log buffers): keep them on the CPU.
@@ -43,7 +43,6 @@ def _apply():
 
     import megatron.training.initialize as initialize
     import megatron.training.training as training
-    from megatron.core.tensor_parallel import random as mc_random
 
     # initialize_megatron asserts CUDA unless allow_no_cuda.
     original_initialize = training.initialize_megatron
@@ -61,8 +60,6 @@ def _apply():
             torch.cuda.device_count, torch.cuda.set_device = count, set_device
 
     initialize._initialize_distributed = initialize_distributed
-    # The model-parallel RNG tracker forks CUDA generator states.
-    mc_random.CudaRNGStatesTracker.fork = contextlib.contextmanager(lambda self, name=None: (yield))
     # The wheel ships the dataset helpers compiled (helpers_cpp) but not their Makefile, and
     # initialize_megatron runs make on rank 0.
     import megatron.core.datasets.utils as dataset_utils

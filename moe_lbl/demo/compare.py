@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moe_lbl.corpus import DOMAINS, VOCAB_SIZE, build_corpus
+from moe_lbl.demo.corpus import DOMAINS, VOCAB_SIZE, build_corpus
+from moe_lbl.demo.tiny_gpt import MicroBatch, TinyGPT, build_gpt, causal_mask, device, spawn, train_step, wrap_ddp
 from moe_lbl.engine import SCOPES
 from moe_lbl.tables import format_table
-from moe_lbl.tiny_gpt import MicroBatch, TinyGPT, build_gpt, causal_mask, device, spawn, train_step, wrap_ddp
 from moe_lbl.validation import check_known, check_options, check_topk
 
 
@@ -165,7 +165,7 @@ def _train_rank(rank: int, world_size: int, options: DemoOptions, scope: str, se
         layers = moe_lbl.balance_metrics(ddp)
         result.losses.append(loss)
         # Under moe_router_load_balancing_type="aux_loss" the main term of either scope is
-        # logged as Megatron's load_balancing_loss (see patches.megatron.tracker_names).
+        # logged as Megatron's load_balancing_loss (moe_lbl.patches.megatron.configuration.tracker_names).
         result.balancing_losses.append(float(logged["load_balancing_loss"]))
         result.micro_max_vio.append(statistics.mean(b.micro_max_vio for b in layers))
         result.global_max_vio.append(statistics.mean(b.global_max_vio for b in layers))

@@ -1,0 +1,148 @@
+"""One patched router's moe-lbl state: its engine, its process groups, and where it logs.
+
+A Layer is made at a router's first use. Its balance config is resolved once per router
+forward (`refresh`, called by the routing replacement), because Megatron reads
+moe_aux_loss_coeff and the balancing types at every forward (a coefficient schedule works
+patched as unpatched); the aux-loss replacements that the forward calls use it as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from moe_lbl.engine import LoadBalancer
+from moe_lbl.patches.megatron import live
+from moe_lbl.patches.megatron.compatibility import LOGGING_MODULE
+from moe_lbl.patches.megatron.configuration import resolve_balance_config, tracker_names
+
+_LAYER = "_moe_lbl_layer"
+
+
+def _sequence_group(router):
+    """Tensor x context parallel ranks (they split the same sequences)."""
+    if getattr(router, "tp_cp_group", None) is not None:
+        return router.tp_cp_group
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_and_context_parallel_group()
+
+
+def _batch_group(router):
+    """Tensor x data x context parallel ranks (together they hold the global batch)."""
+    if getattr(router, "tp_dp_cp_group", None) is not None:
+        return router.tp_dp_cp_group
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+
+
+class Layer:
+    """moe-lbl's side of one TopKRouter (held by the router; build with layer_of)."""
+
+    def __init__(self, router, patch: live.LivePatch):
+        config = router.config
+        self.features = patch.features
+        self.options = patch.options
+        self.sequence_group = _sequence_group(router)
+        self.batch_group = _batch_group(router)
+        self.per_token_loss = bool(router.calculate_per_token_loss)
+        self.num_layers = config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
+        # MTP routers (0.17+) log after the decoder layers and, when one MTP layer runs
+        # mtp_num_layers times per forward, weigh their aux loss and logged z-loss by 1/that.
+        mtp = getattr(router, "is_mtp_layer", False)
+        self.log_layer = router.layer_number + config.num_layers if mtp else router.layer_number
+        self.repeats = (config.mtp_num_layers or 1) if mtp and getattr(config, "mtp_use_repeated_layer", False) else 1
+        balance_config = resolve_balance_config(config, patch.options)
+        self.names = tracker_names(config, balance_config)
+        self.balancer = LoadBalancer(balance_config, num_experts=config.num_moe_experts, topk=router.topk,
+                                     sequence_group=self.sequence_group, batch_group=self.batch_group,
+                                     name=f"the router of layer {router.layer_number}")
+
+    def refresh(self, router) -> "Layer":
+        """Resolve the balance config from the router's config as it is now (once per forward)."""
+        balance_config = resolve_balance_config(router.config, self.options)
+        self.balancer.config = balance_config
+        self.names = tracker_names(router.config, balance_config)
+        return self
+
+    def per_token_scale(self, valid_tokens: Union[int, torch.Tensor]):
+        """What Megatron multiplies aux and z-losses by under per-token loss: the local valid
+        tokens, from 0.19 on times the tensor x context group size (1 otherwise)."""
+        if not self.per_token_loss:
+            return 1
+        if self.features.tp_cp_token_scale:
+            return valid_tokens * self.sequence_group.size()
+        return valid_tokens
+
+    def loss_scale(self, valid_tokens: Union[int, torch.Tensor]):
+        """Megatron's aux-loss gradient scale, read at backward time as MoEAuxLossAutoScaler does."""
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+        return (1.0 if scale is None else scale) * self.per_token_scale(valid_tokens)
+
+    def attach(self, probs: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor,
+               valid_tokens: Union[int, torch.Tensor]) -> torch.Tensor:
+        """The engine's loss on one micro-batch, its gradient attached to the balancing scores (or
+        their sums), its values logged under Megatron's names when backward has them."""
+        names = self.names  # this micro-batch's, whatever a later forward resolves
+
+        def report(scope, value):
+            self.track(names[scope], value / self.repeats, reduce_group=self.sequence_group)
+
+        return self.balancer.attach(probs, scores, counts, valid_tokens,
+                                    lambda: self.loss_scale(valid_tokens) / self.repeats, report)
+
+    def track(self, name: str, value: torch.Tensor, **groups) -> None:
+        """Record a per-layer value in Megatron's tracker: moe_logging's metrics tracker (0.18+,
+        where save_to_aux_losses_tracker is a deprecated wrapper of it), else the aux-loss tracker."""
+        if self.features.metrics_tracker:
+            import importlib
+
+            importlib.import_module(LOGGING_MODULE).get_moe_metrics_tracker().record(
+                name, value, self.log_layer, self.num_layers, **groups)
+        else:
+            from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+            save_to_aux_losses_tracker(name, value, self.log_layer, self.num_layers, **groups)
+
+
+def find(router) -> Optional[Layer]:
+    """The router's Layer, or None before its first use."""
+    return getattr(router, _LAYER, None)
+
+
+def layer_of(router) -> Layer:
+    """The router's Layer, made at its first use under the live patch (once the router knows
+    its layer number: Megatron sets it after building the router)."""
+    layer = find(router)
+    if layer is None:
+        patch = live.current()
+        layer = Layer(router, patch)
+        setattr(router, _LAYER, layer)
+        patch.routers.add(router)
+    return layer
+
+
+def balancer_of(router) -> LoadBalancer:
+    """The engine of a patched router."""
+    return layer_of(router).balancer
+
+
+def layers(model):
+    """(router, Layer) for every router of a model (or a list of model chunks) that has one."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for module in chunk.modules():
+            layer = getattr(module, _LAYER, None)
+            if layer is not None:
+                yield module, layer
+
+
+def drop(router) -> Layer:
+    """Detach the router's Layer (unpatch); returns it."""
+    layer = getattr(router, _LAYER)
+    delattr(router, _LAYER)
+    return layer

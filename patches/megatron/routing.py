@@ -1,0 +1,203 @@
+"""TopKRouter.routing, patched: Megatron's routing or the fused kernels, and the recorded loads.
+
+kernels='auto' fuses routers on CUDA logits where the kernels implement the router's options and
+compile for its GPU; elsewhere Megatron's routing runs, with one warning per reason.
+kernels=True raises the reason instead. Only this module knows the kernels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from moe_lbl.patches.megatron import live
+from moe_lbl.patches.megatron.configuration import balancing_types
+from moe_lbl.patches.megatron.layer import Layer, layer_of
+
+# Balancing types the fused path computes; any other (sinkhorn, quantile balancing, a newer
+# Megatron's own) keeps Megatron's routing.
+_FUSED_BALANCING_TYPES = {"aux_loss", "global_aux_loss", "none"}
+
+
+def _routing(self, logits, padding_mask=None):
+    """Replaces TopKRouter.routing: runs the fused kernels when they are on, else Megatron's
+    routing; records each training micro-batch's dispatched tokens for the balance metrics.
+    """
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    patch = live.current()
+    layer = layer_of(self).refresh(self)  # the one config resolution of this forward
+    call = _fused_call(self, layer, logits, padding_mask, patch)
+    if call is not None:
+        return _fused_routing(self, layer, call)
+    original = patch.original(TopKRouter, "routing")
+    if padding_mask is None:
+        probs, routing_map = original(self, logits)
+    else:
+        probs, routing_map = original(self, logits, padding_mask=padding_mask)
+    if self.training and torch.is_grad_enabled():  # once per micro-batch, also under recompute
+        layer.balancer.record_load(_dispatched(routing_map, padding_mask))
+    return probs, routing_map
+
+
+def _fused_call(router, layer: Layer, logits, padding_mask, patch: live.LivePatch) -> Optional[KernelCall]:
+    """The kernels' call for this router call, or None where Megatron's routing runs.
+    kernels='auto' falls back to Megatron's routing with one warning per reason; kernels=True
+    raises the reason instead."""
+    mode = patch.options.kernels
+    if mode is False or (mode == "auto" and not _on_gpu(logits)):
+        return None
+    from moe_lbl.kernels import interpreting
+
+    if mode is True and not (_on_gpu(logits) or interpreting()):
+        raise RuntimeError("patch_megatron(kernels=True) needs CUDA logits (or TRITON_INTERPRET=1 on CPU)")
+    reason = _fused_unsupported(router, logits, patch)
+    call = None if reason else _kernel_call(router, layer, logits, padding_mask)
+    reason = reason or _load_failure(router, call)
+    if reason is None:
+        return call
+    if mode is True:
+        raise ValueError(f"patch_megatron(kernels=True) cannot fuse this router: {reason}; "
+                         "use kernels='auto' to fall back to Megatron's routing where needed")
+    if reason not in patch.fallback_warned:
+        patch.fallback_warned.add(reason)
+        warnings.warn(f"moe-lbl: the fused router falls back to Megatron's routing: {reason}", stacklevel=3)
+    return None
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """fused_topk_router's arguments for one router call, and the gradients its backward gets."""
+
+    logits: torch.Tensor  # [T, E], in the dtype the kernels route
+    dtype: torch.dtype  # the router's logits dtype: the probs' dtype
+    padding_mask: Optional[torch.Tensor]  # [T]
+    options: dict
+    gradients: tuple[str, ...]  # of moe_lbl.kernels.topk_router.DIFFERENTIABLE_OUTPUTS
+    z_coeff: Optional[float]  # per tensor x context rank, as Megatron's z-loss takes it
+
+    @property
+    def training(self) -> bool:
+        return bool(self.gradients)
+
+
+def _kernel_call(router, layer: Layer, logits, padding_mask) -> KernelCall:
+    config = router.config
+    training = router.training and torch.is_grad_enabled()
+    z_coeff = config.moe_z_loss_coeff / layer.sequence_group.size() if (
+        training and config.moe_z_loss_coeff is not None) else None
+    gradients = ("probs",) * training + ("score_sums",) * (training and layer.balancer.enabled) + (
+        ("z_sum",) if z_coeff is not None else ())
+    if padding_mask is not None:
+        padding_mask = padding_mask.reshape(-1)
+    options = dict(
+        score_function=router.score_function, use_pre_softmax=config.moe_router_pre_softmax,
+        num_groups=config.moe_router_num_groups, group_topk=config.moe_router_group_topk,
+        scaling_factor=config.moe_router_topk_scaling_factor, expert_bias=router.expert_bias,
+        padding_mask=padding_mask, compute_stats=training, dense=True, sparse=False)
+    return KernelCall(_kernel_logits(router, layer, logits.view(-1, config.num_moe_experts)), logits.dtype,
+                      padding_mask, options, gradients, z_coeff)
+
+
+def _kernel_logits(router, layer: Layer, logits):
+    """The logits the kernels route: fp32 where Megatron routes 16-bit logits in fp32 (0.18+),
+    else as they are (the kernels round scores to the logits dtype, as Megatron did before).
+
+    Softmax after top-k over all experts chooses by the logits themselves and rounds only the
+    final probs, so 16-bit logits stay 16-bit there: half the bytes, 32-bit sort keys.
+    """
+    config = router.config
+    chosen_by_logits = (router.score_function == "softmax" and not config.moe_router_pre_softmax
+                        and not config.moe_router_group_topk)
+    return logits.float() if layer.features.fp32_routing and not chosen_by_logits else logits
+
+
+def _on_gpu(logits) -> bool:
+    """Logits the compiled kernels run on (kernels='auto' fuses only these)."""
+    return logits.is_cuda
+
+
+def _fused_unsupported(router, logits, patch: live.LivePatch) -> Optional[str]:
+    """Why the fused router cannot serve this router's options, or None."""
+    from moe_lbl.kernels.topk_router import FUSED_SCORE_FUNCTIONS, MAX_EXPERTS, MAX_TOPK, SUPPORTED_DTYPES
+
+    config = router.config
+    if not patch.features.fused_routing:
+        return f"megatron-core {patch.features.version} (the fused path needs 0.14 or newer)"
+    other_types = sorted(t for t, coeff in balancing_types(config).items()
+                         if t not in _FUSED_BALANCING_TYPES and (coeff > 0 or t != "seq_aux_loss"))
+    if other_types:
+        return f"{', '.join(other_types)} balancing"
+    if router.score_function not in FUSED_SCORE_FUNCTIONS:
+        return f"score function {router.score_function!r} (the kernels have {', '.join(FUSED_SCORE_FUNCTIONS)})"
+    if getattr(router, "router_replay", None) is not None:
+        return "router replay"
+    if getattr(config, "moe_router_fusion", False):
+        return "moe_router_fusion (TransformerEngine's fused router) is on"
+    if config.num_moe_experts > MAX_EXPERTS or router.topk > MAX_TOPK:
+        return f"more than {MAX_EXPERTS} experts or top-k above {MAX_TOPK}"
+    if logits.dtype not in SUPPORTED_DTYPES:
+        return f"router logits in {logits.dtype}"
+    return None
+
+
+def _load_failure(router, call: KernelCall) -> Optional[str]:
+    """Why the kernels of this call fail to compile or load on its GPU, or None (the kernels
+    compile on meta tensors once per specialization, before anything runs: a backward that could
+    not compile would otherwise fail after the forward had been fused)."""
+    if not _on_gpu(call.logits):
+        return None  # the interpreter compiles nothing
+    from moe_lbl.kernels.topk_router import load_router
+
+    try:
+        load_router(call.logits, router.topk, gradients=call.gradients, **call.options)
+    except Exception as error:  # whatever the first launch would raise, it raises here
+        return f"the kernels failed to compile or load: {type(error).__name__}: " + (
+            str(error).strip().splitlines() or [""])[0]
+    return None
+
+
+def _fused_routing(router, layer: Layer, call: KernelCall):
+    """TopKRouter.routing on the fused kernels: the same outputs, losses and logged values."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, apply_router_token_dropping
+
+    from moe_lbl.kernels import fused_topk_router
+
+    config = router.config
+    out = fused_topk_router(call.logits, router.topk, **call.options)
+    stats, probs = out.stats, out.probs.to(call.dtype)
+    if call.z_coeff is not None:
+        # Megatron's z-loss: coeff * mean over valid tokens of lse^2, attached as it attaches it.
+        z_value = stats.z_sum / stats.valid_tokens.clamp(min=1)
+        probs = MoEAuxLossAutoScaler.apply(probs, z_value * call.z_coeff * layer.per_token_scale(stats.valid_tokens))
+        groups = {"avg_group": layer.batch_group} if layer.features.tp_cp_token_scale else {}
+        layer.track("z_loss", z_value.detach() / layer.repeats, **groups)  # z_loss / coeff, as Megatron logs it
+    routing_map = out.routing_map
+    if config.moe_expert_capacity_factor is not None:
+        probs, routing_map = apply_router_token_dropping(
+            probs, routing_map, router_topk=router.topk, capacity_factor=config.moe_expert_capacity_factor,
+            drop_policy=config.moe_token_drop_policy, pad_to_capacity=config.moe_pad_expert_input_to_capacity)
+    if "score_sums" in call.gradients:  # a balancing loss on this micro-batch
+        probs = layer.attach(probs, stats.score_sums, stats.aux_counts, stats.valid_tokens)
+    if torch.is_grad_enabled() and (call.training or router.enable_expert_bias):
+        if stats is not None and config.moe_expert_capacity_factor is None:
+            load = stats.dispatch_counts
+        else:
+            load = _dispatched(routing_map, call.padding_mask)
+        if call.training:
+            layer.balancer.record_load(load)
+        if router.enable_expert_bias:
+            # What TopKRouter._apply_expert_bias does, which in 0.16 fails with a padding mask
+            # (it combines the [T, E] map with the [T] mask without broadcasting).
+            with torch.no_grad():
+                router.local_tokens_per_expert += load
+    return probs, routing_map
+
+
+def _dispatched(routing_map, padding_mask):
+    if padding_mask is not None:
+        routing_map = routing_map & ~padding_mask.reshape(-1, 1)
+    return routing_map.sum(dim=0)
