@@ -225,7 +225,7 @@ def _forward(logits, expert_bias, padding_mask, spec: RoutingSpec, compute_stats
             for partial in partials:
                 partial.zero_()
         counts = counts_partial.sum(dim=0, dtype=torch.int64)
-        valid = (torch.tensor(num_tokens, device=device) if padding_mask is None
+        valid = (torch.full((), num_tokens, device=device) if padding_mask is None  # a fill: no host copy
                  else num_tokens - padding_mask.sum())
         stats = RouterStats(aux_counts=counts[0], dispatch_counts=counts[1] if separate_aux else counts[0],
                             score_sums=scores_partial.sum(dim=0), valid_tokens=valid.to(torch.int64),

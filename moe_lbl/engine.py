@@ -17,12 +17,18 @@ caller's loss scale provides. Since f is needed only for the gradient (and the l
 the count all-reduce is launched in forward and waited on in backward when `async_sync` is set;
 the layers' counts of one micro-batch travel in one collective.
 
+State across calls lives in device tensors updated in place (BalanceState): the step's pooled
+counts, loads and counters, and the checks read at the step's end. Nothing a forward or
+backward computes depends on Python-side history, and neither syncs with the host, so a CUDA
+graph that captured one micro-batch's forward and backward replays them correctly on the next
+ones. Under capture (`capturing()`) each count sum completes inside the forward.
+
 Nothing here knows Megatron: the caller passes process groups, a loss-scale callable and a
 reporting callable.
 
 Naming convention (one meaning per word, in the code, the docs and the tests):
 - logits: the router's output for each token, [T, N_E].
-- scores: the balancing scores s_t, [T, N_E] (`balancing_scores`): softmax over all experts, or
+- scores: the balancing scores s_t, [T, N_E] (moe_lbl.scores): softmax over all experts, or
   sigmoid scores normalized to sum 1. P is their mean over a micro-batch's valid tokens.
 - probs: the routing probabilities the router returns, [T, N_E], zero outside each token's
   selection. The engine passes them through unchanged and sends the loss gradient to `scores`.
@@ -85,7 +91,8 @@ class BalanceConfig:
     buffer: with scope="global", accumulate counts over the gradient-accumulation micro-batches
         of the step (paper's Alg. 1); without it, each micro-batch uses the counts of the
         micro-batches processed at the same time on all ranks.
-    async_sync: launch the count all-reduce in forward and wait for it only in backward.
+    async_sync: launch the count all-reduce in forward and wait for it only in backward (under
+        CUDA-graph capture the sum completes inside the forward whatever this says).
     """
 
     scope: str = "global"
@@ -126,86 +133,147 @@ def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-# How long a rank waits for a count sum before it raises. Gloo honours it; with NCCL the wait is
-# on the GPU stream and NCCL's own watchdog bounds it.
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph (then nothing may wait
+    for the host, and a collective must complete inside the captured region)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass (activation checkpointing recomputes there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+# How long a rank waits for a count sum in eager mode before it raises. Gloo honours it; with
+# NCCL the wait stays on the GPU stream (a timeout would make it poll on the host) and NCCL's
+# own watchdog bounds it.
 SYNC_TIMEOUT = datetime.timedelta(minutes=10)
-_TAG_STEPS = 1 << 10  # tags wrap after this many steps (t^2 summed over many ranks stays in int64)
+
+# A layer registering more micro-batches than this without a step reset is not resetting: a loop
+# without Megatron's finalize_model_grads that does not call end_step (moe_lbl.end_step(model)).
+MAX_STEP_MICRO_BATCHES = 1024
+# Each count sum carries its micro-batch's tag [1, code, code^2], code = (step % _TAG_STEPS) *
+# _TAG_SLOTS + its registration in the step: summed over n ranks, n * sum(code^2) == sum(code)^2
+# only if every rank sent the same code. Recomputed forwards register too, hence the slots.
+_TAG_SLOTS = 4 * MAX_STEP_MICRO_BATCHES
+_TAG_STEPS = 64  # code^2 summed over 8192 ranks, times 8192, stays within int64
 
 
 class MicroBatchMismatch(RuntimeError):
     """Ranks summed counts of different micro-batches, or one waited for a sum that never came."""
 
 
-class _PendingSum:
-    """A [N_E + 1] int64 vector (per-expert counts, then tokens) summed over a group.
+class BalanceState:
+    """What one layer keeps across calls, in device tensors updated in place.
 
-    Blocking sums are reduced at once; asynchronous ones join the group's bucket and are
-    reduced together with the other layers' vectors of the same micro-batch. The vector travels
-    with a tag of its micro-batch (step and position in the step): t and t^2 summed over n ranks
-    satisfy n * sum(t^2) == sum(t)^2 only if every rank sent the same t, so ranks that paired
-    different micro-batches find out at the step's end (mismatch()), before the optimizer applies
-    a step made of mixed counts; reading the tags then costs one host sync per layer and step,
-    none in backward.
+    ints (int64):
+      pooled [E+1]    counts and tokens of the step's back-propagated micro-batches, all ranks
+      loads [E]       tokens dispatched in the step's back-propagated micro-batches, this rank
+      backpropagated  micro-batches back-propagated in the step
+      forward_backpropagated  of the forward registrations, those back-propagated
+      sent            registrations in the step (the next one's tag slot)
+      forward         registrations in forward (a recompute in backward is none)
+      code_base       (step % _TAG_STEPS) * _TAG_SLOTS: the code of the step's first slot
+      skipped         forward registrations never back-propagated, in steps not yet checked
+      last_loads [E], last_backpropagated: the last closed step's, for the metrics
+      last_pooled [E+1]: the last closed step's buffer (for a graph back-propagated after it)
+    tags [_TAG_SLOTS, 3] (int64): the tag [1, code, code^2] each slot sends this step
+    received [_TAG_SLOTS, 4] (int64): each slot's summed tag [n, sum code, sum code^2] and the
+      code it sent (zero until its sum was back-propagated), until the checks read them
+    floats (float64): max_vio (the step's sum over its back-propagated micro-batches of
+      max load / mean load - 1, each over its sequence group), last_max_vio.
     """
 
-    def __init__(self, owner: int, local: torch.Tensor, tag: tuple[int, int], what: str, group, async_op: bool):
-        self.local = local  # this rank's vector
-        self.tag, self.what = tag, what
-        self._size = group_size(group)
-        self._bucket = None
-        self._value = local
-        self._work = None
-        if self._size > 1:
-            step, index = tag
-            code = (step % _TAG_STEPS) * MAX_STEP_MICRO_BATCHES + index
-            header = local.new_full((2,), code)  # filled on the device: no host-to-device copy
-            header[1:].fill_(code * code)
-            self.sent = torch.cat([local, header])
-            if async_op:
-                self._bucket = _bucket(group)
-                self._bucket.add(owner, self)
-            else:
-                self._value = self.sent.clone()
-                self._work = dist.all_reduce(self._value, group=group, async_op=True)
+    def __init__(self, num_experts: int, device):
+        E = num_experts
+        self.ints = torch.zeros(4 * E + 10, dtype=torch.int64, device=device)
+        ints = self.ints
+        self.pooled = ints[:E + 1]
+        self.loads = ints[E + 1:2 * E + 1]
+        self.loads_and_backpropagated = ints[E + 1:2 * E + 2]
+        self.backward_counters = ints[2 * E + 1:2 * E + 3]  # backpropagated, forward_backpropagated
+        self.forward_counters = ints[2 * E + 3:2 * E + 5]  # sent, forward
+        self.sent = ints[2 * E + 3:2 * E + 4]  # a one-element index
+        self.step = ints[:2 * E + 5]  # zeroed when the step ends
+        self.code_base = ints[2 * E + 5]
+        self.skipped = ints[2 * E + 6]
+        self.last = ints[2 * E + 7:3 * E + 8]  # last_loads, last_backpropagated
+        self.last_pooled = ints[3 * E + 8:4 * E + 9]
+        self.slots = torch.arange(_TAG_SLOTS, device=device)
+        self.tags = torch.stack([torch.ones_like(self.slots), self.slots, self.slots * self.slots], dim=1)
+        self.received = torch.zeros(_TAG_SLOTS, 4, dtype=torch.int64, device=device)
+        self.floats = torch.zeros(2, dtype=torch.float64, device=device)
+        self.max_vio, self.last_max_vio = self.floats[0], self.floats[1]
+        # Constant increments, made once: adding one is one kernel, making it would be another.
+        self.forward_increment = torch.tensor([1, 1], device=device)
+        self.recompute_increment = torch.tensor([1, 0], device=device)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor a graph capture must treat as persistent (a framework may register them
+        as module buffers, to be saved and restored around its warmup and capture)."""
+        return (self.ints, self.slots, self.tags, self.received, self.floats, self.forward_increment,
+                self.recompute_increment)
+
+    def close_step(self) -> None:
+        """Empty the step, keep what the metrics and the checks read: kernels only."""
+        forward, forward_backpropagated = self.forward_counters[1], self.backward_counters[1]
+        self.skipped.add_(forward - forward_backpropagated)
+        registered = self.forward_counters[0] > 0  # a second reset keeps the last step's values
+        self.last.copy_(torch.where(registered, self.loads_and_backpropagated, self.last))
+        self.last_pooled.copy_(torch.where(registered, self.pooled, self.last_pooled))
+        self.last_max_vio.copy_(torch.where(registered, self.max_vio, self.last_max_vio))
+        self.step.zero_()
+        self.max_vio.zero_()
+        self.code_base.add_(_TAG_SLOTS).remainder_(_TAG_SLOTS * _TAG_STEPS)
+        self.tags[:, 1:2].copy_(self.code_base + self.slots[:, None])
+        self.tags[:, 2:3].copy_(self.tags[:, 1:2] * self.tags[:, 1:2])
+
+
+class _PendingSum:
+    """A local int64 vector summed over a group, as one of the forward's count collectives.
+
+    Eager asynchronous sums join their group's bucket, launched with the other layers' vectors
+    of the same micro-batch; eager blocking ones are launched at once; both are waited for in
+    backward. Under capture the sum is a functional collective that completes in the forward.
+    """
+
+    def __init__(self, owner: int, local: torch.Tensor, group, async_op: bool, what: Callable[[], str]):
+        self.local, self.what = local, what  # what(): the sum, for a message (read only then)
+        self._bucket, self._work = None, None
+        if capturing():
+            self._value = torch.ops._c10d_functional.wait_tensor(
+                torch.ops._c10d_functional.all_reduce(local, "sum", group.group_name))
+        elif async_op:
+            self._value = None
+            self._bucket = _bucket(group)
+            self._bucket.add(owner, self)
+        else:
+            self._value = local.clone()
+            self._work = dist.all_reduce(self._value, group=group, async_op=True)
 
     def launched(self, value: torch.Tensor, work) -> None:
         """The bucket's collective `work` will leave the sum in `value` (a view of its buffer)."""
         self._value, self._work = value, work
 
     def get(self) -> torch.Tensor:
+        """The sum; waits for it in eager mode (raises MicroBatchMismatch after SYNC_TIMEOUT on gloo)."""
         if self._bucket is not None:
             if self._work is None:  # not launched yet: launch the bucket, this vector with it
                 self._bucket.flush()
             self._bucket = None
         if self._work is not None:
             try:
-                self._work.wait(timeout=SYNC_TIMEOUT)
+                if self.local.is_cuda:
+                    self._work.wait()
+                else:
+                    self._work.wait(timeout=SYNC_TIMEOUT)
             except RuntimeError as error:
                 raise MicroBatchMismatch(
-                    f"moe-lbl: waited {SYNC_TIMEOUT.total_seconds():g} s for the other ranks' counts of {self.what}, "
-                    f"step {self.tag[0]}, micro-batch {self.tag[1]}: the ranks of a group must run the same "
-                    "micro-batches in every step (as many, and evaluation passes under torch.no_grad() or "
-                    "model.eval()), or a rank stopped") from error
+                    f"moe-lbl: waited {SYNC_TIMEOUT.total_seconds():g} s for the other ranks' counts of "
+                    f"{self.what()}: the ranks of a group must run the same micro-batches in every step (as many, "
+                    "and evaluation passes under torch.no_grad() or model.eval()), or a rank stopped") from error
             self._work = None
-        return self._value[:-2] if self._size > 1 else self._value
-
-    def tags(self) -> Optional[torch.Tensor]:
-        """[code, code^2]: what this rank sent, then the group's sums (None without a group)."""
-        if self._size == 1:
-            return None
-        self.get()
-        return torch.cat([self.sent[-2:], self._value[-2:]])
-
-    def mismatch(self, tags: list[int]) -> Optional[str]:
-        """Why the group summed different micro-batches, given tags() as integers, or None."""
-        sent, _, code, square = tags
-        if self._size * square == code * code:
-            return None
-        return (f"moe-lbl: ranks summed the counts of different micro-batches for {self.what}: this rank sent "
-                f"step {self.tag[0]}, micro-batch {self.tag[1]}, the others on average micro-batch code "
-                f"{(code - sent) / (self._size - 1):g} (step * {MAX_STEP_MICRO_BATCHES} + micro-batch). The ranks "
-                "of a group must run the same micro-batches in every step: as many, with evaluation passes "
-                "under torch.no_grad() or model.eval()")
+        return self._value
 
 
 class _CountBucket:
@@ -215,7 +283,8 @@ class _CountBucket:
     made up the previous flush have all added their vectors, which is the end of the forward
     pass in steady state; otherwise when a value is first needed, or when a layer adds a second
     vector before a flush. These points depend only on the order of the calls, which is the same
-    on every rank, so every rank issues the same collectives.
+    on every rank, so every rank issues the same collectives. Eager mode only: it decides when a
+    collective starts, never what a sum holds.
     """
 
     def __init__(self, group):
@@ -234,11 +303,11 @@ class _CountBucket:
         if not self.pending:
             return
         entries = [e for _, e in self.pending]
-        packed = torch.cat([e.sent for e in entries])
+        packed = torch.cat([e.local for e in entries])
         work = dist.all_reduce(packed, group=self.group, async_op=True)
         offset = 0
         for entry in entries:
-            size = entry.sent.numel()
+            size = entry.local.numel()
             entry.launched(packed[offset:offset + size], work)
             offset += size
         self.expected = [o for o, _ in self.pending]
@@ -255,67 +324,46 @@ def _bucket(group) -> _CountBucket:
     return _BUCKETS[group]
 
 
-# A layer registering more micro-batches than this without a step reset is not resetting: a loop
-# without Megatron's finalize_model_grads that does not call end_step (moe_lbl.end_step(model)).
-MAX_STEP_MICRO_BATCHES = 1024
-
-
 def _loss_dtype(scores_dtype: torch.dtype) -> torch.dtype:
     """The loss arithmetic's dtype for scores of this dtype: fp64 stays fp64, the rest is fp32."""
     return torch.float64 if scores_dtype == torch.float64 else torch.float32
 
 
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass (activation checkpointing recomputes there)."""
-    return torch._C._current_graph_task_id() != -1
-
-
 @dataclass
-class _Step:
-    """One optimizer step of one layer: its micro-batches in registration order, and the summed
-    batch vectors of those back-propagated so far (which define the buffered global batch)."""
+class _MicroBatch:
+    """One registered micro-batch of one layer, as its backward needs it."""
 
-    handles: list
-    pooled: Optional[torch.Tensor] = None
-
-
-@dataclass
-class BalanceHandle:
-    """One registered micro-batch of one layer."""
-
-    balancer: "LoadBalancer"
-    step: _Step
-    sequence: _PendingSum  # summed over the sequence group
-    batch: Optional[_PendingSum]  # summed over the batch group (global scope only)
-    score_sum: torch.Tensor  # [N_E]: sum of this rank's balancing scores (fp32, or fp64 for fp64 scores)
-    config: BalanceConfig  # the balancer's config when this micro-batch was registered
+    config: BalanceConfig  # the balancer's config at registration (coefficients may change later)
+    counts: torch.Tensor  # [E], this rank's
+    valid_tokens: Union[int, torch.Tensor]  # this rank's (an int where the caller knows it without padding)
+    score_sum: Optional[torch.Tensor]  # [E]: the balancing scores summed over this rank's tokens (None: no loss)
     grad_scale: Callable[[], Union[torch.Tensor, float]]
-    report: Optional[Callable[[str, torch.Tensor], None]]
-    pooled: Optional[torch.Tensor] = None  # the buffered global batch that defines f, once back-propagated
-    backpropagated: bool = False
-    reported: bool = False  # a retained graph may be back-propagated again: report once
-
-    def gradient(self) -> torch.Tensor:
-        """[N_E] in the dtype of score_sum: d(loss)/d(score) of every valid token of this
-        micro-batch, loss scale included.
-
-        Waits for the counts if they are still in flight and reports the values the first time.
-        """
-        gradient = self.balancer.score_gradient(self)
-        return (gradient.to(self.score_sum.dtype) * self.grad_scale()).to(self.score_sum.dtype)
+    report: Optional[Callable[[str, torch.Tensor, float], None]]
+    in_forward: bool  # registered in forward (not by a recomputation in backward)
+    step: int  # the balancer's step number (eager bookkeeping, for a graph back-propagated late)
+    load: Optional[torch.Tensor] = None  # [E] int64: dispatched tokens, this rank's (set at launch)
+    slot: Optional[torch.Tensor] = None  # [1]: its tag slot in the step
+    sequence: Optional[_PendingSum] = None  # [counts, load, tag] summed over the sequence group
+    batch: Optional[_PendingSum] = None  # [counts, tokens, tag] summed over the batch group
+    gradient: Optional[tuple] = None  # the first backward's (a retained graph may be back-propagated again)
 
 
 class LoadBalancer:
-    """Load-balancing loss state of one MoE layer: the step's micro-batches and count buffer.
+    """Load-balancing loss of one MoE layer: its micro-batches' registrations and its state.
 
     sequence_group: ranks that split the tokens of the same sequences (tensor x context
         parallel); their counts and tokens are summed, as in a plain micro-batch LBL.
     batch_group: ranks that together hold the global batch (tensor x data x context parallel);
-        used by the global scope and by the global-batch load metric.
+        used by the global scope.
+    even_split: the sequence group's ranks hold equally many tokens (Megatron's sequence and
+        context parallelism split sequences evenly): an int valid_tokens then gives the group's
+        T as valid_tokens times its size, as Megatron counts it; else T comes from the summed
+        counts (k per valid token).
+    device: where the state lives (the router's logits' device).
     """
 
-    def __init__(self, config: BalanceConfig, num_experts: int, topk: int,
-                 sequence_group=None, batch_group=None, name: Optional[str] = None):
+    def __init__(self, config: BalanceConfig, num_experts: int, topk: int, sequence_group=None,
+                 batch_group=None, name: Optional[str] = None, even_split: bool = False, device="cpu"):
         if not isinstance(config, BalanceConfig):
             raise TypeError(f"config must be a BalanceConfig, got {type(config).__name__}")
         if not 1 <= topk <= num_experts:
@@ -323,15 +371,18 @@ class LoadBalancer:
         self.config = config  # read at each registration: coefficients may change between them
         self.serial = next(_SERIALS)  # creation order: the same on every rank, unlike id()
         self.name = name or f"balancer {self.serial}"  # for messages
-        self._step_number = 0  # steps closed with micro-batches: the same on every rank of a group
         self.num_experts = num_experts
         self.topk = topk
         self.sequence_group = sequence_group
         self.batch_group = batch_group
-        self._step = _Step([])
-        self._loads: list[torch.Tensor] = []
-        self._forward_loads: list[int] = []  # loads recorded outside backward, not yet recomputed
-        self.last_step_loads: list[torch.Tensor] = []
+        self._sequence_size, self._batch_size = group_size(sequence_group), group_size(batch_group)
+        self.even_split = even_split
+        self.state = BalanceState(num_experts, device)
+        # Eager bookkeeping (a graph replay runs none of it, and no tensor math reads it):
+        self._step_number = 0  # steps closed: a late backward tells its own step by it
+        self._registrations = 0  # forward registrations in the step, against MAX_STEP_MICRO_BATCHES
+        self._waiting: list[_PendingSum] = []  # the step's eager sums, each waited for by the step's end
+        self._open: Optional[_MicroBatch] = None  # attached in this forward, its load to come
 
     @property
     def enabled(self) -> bool:
@@ -340,158 +391,248 @@ class LoadBalancer:
     def attach(self, probs: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor,
                valid_tokens: Union[int, torch.Tensor],
                grad_scale: Callable[[], Union[torch.Tensor, float]],
-               report: Optional[Callable[[str, torch.Tensor], None]] = None) -> torch.Tensor:
+               report: Optional[Callable[[str, torch.Tensor, float], None]] = None,
+               load: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Register one micro-batch and return `probs` carrying the loss gradient to `scores`.
 
         scores: the balancing scores of the valid tokens, [T, N_E] (rows of padding tokens zero),
         or their sum over the tokens, [N_E] (what the fused router kernels return): the loss is
         linear in them, with the same gradient for every token. counts: [N_E] tokens per expert
         under the top-k of those scores (padding excluded); valid_tokens: this rank's non-padding
-        tokens. grad_scale() is read in backward (Megatron's aux-loss scale); report(scope, value)
-        receives each term's loss value divided by its coefficient once the counts have arrived.
+        tokens (an int where there is no padding). grad_scale() is read in backward (Megatron's
+        aux-loss scale); report(scope, loss, coeff) receives each term's loss once the counts have
+        arrived. load: this micro-batch's dispatched tokens per expert, for the metrics; without
+        it here, record_load gives it before the forward ends.
         """
         if scores.shape[-1:] != (self.num_experts,) or scores.dim() not in (1, 2):
             raise ValueError(f"scores must be [tokens, {self.num_experts}] or [{self.num_experts}], "
                              f"got {tuple(scores.shape)}")
-        score_sum = scores.detach().sum(dim=0, dtype=_loss_dtype(scores.dtype)) if scores.dim() == 2 else scores
-        handle = self._register(counts, valid_tokens, score_sum, grad_scale, report)
-        return _AttachLoss.apply(probs, scores, handle)
-
-    def _register(self, counts: torch.Tensor, valid_tokens: Union[int, torch.Tensor], score_sum: torch.Tensor,
-                  grad_scale: Callable[[], Union[torch.Tensor, float]],
-                  report: Optional[Callable[[str, torch.Tensor], None]]) -> "BalanceHandle":
         if counts.shape != (self.num_experts,):
             raise ValueError(f"counts must have shape ({self.num_experts},), got {tuple(counts.shape)}")
-        score_sum = score_sum.detach()
-        tokens = torch.as_tensor(valid_tokens, dtype=torch.int64, device=counts.device).reshape(1)
-        local = torch.cat([counts.to(torch.int64), tokens])  # one collective carries counts and tokens
-        if _in_backward():
-            # Activation checkpointing recomputing a forward: non-reentrant checkpointing had
-            # registered it already (the same statistics, not yet back-propagated); reentrant
-            # checkpointing ran the first forward without gradients, and registers it now.
-            for earlier in self._step.handles:
-                if (not earlier.backpropagated and torch.equal(earlier.sequence.local, local)
-                        and torch.equal(earlier.score_sum, score_sum.to(earlier.score_sum.dtype))):
-                    return earlier
-        if len(self._step.handles) >= MAX_STEP_MICRO_BATCHES:
-            _warn_once("growing step", f"moe-lbl: a layer registered {MAX_STEP_MICRO_BATCHES} micro-batches without "
-                       "a step reset, so its global batch would grow without end; moe-lbl closes the step now. A "
-                       "training loop without Megatron's finalize_model_grads must call moe_lbl.end_step(model) "
-                       "after each optimizer step")
-            self.end_step()
-        async_op = self.config.async_sync
-        tag = (self._step_number, len(self._step.handles))
-        handle = BalanceHandle(
-            balancer=self,
-            step=self._step,
-            sequence=_PendingSum(self.serial, local, tag, self.name, self.sequence_group, async_op),
-            batch=(_PendingSum(self.serial, local, tag, self.name, self.batch_group, async_op)
-                   if self.config.scope == "global" else None),
-            score_sum=score_sum.to(_loss_dtype(score_sum.dtype)),
-            config=self.config,
-            grad_scale=grad_scale,
-            report=report,
-        )
-        self._step.handles.append(handle)
-        return handle
-
-    def record_load(self, tokens_per_expert: torch.Tensor) -> None:
-        """Record this rank's dispatched tokens per expert of one micro-batch, for the metrics
-        (once: a recomputation in backward of a forward recorded before is not recorded again)."""
-        load = tokens_per_expert.detach().to(torch.int64)
-        if _in_backward():
-            for position, index in enumerate(self._forward_loads):
-                if torch.equal(self._loads[index], load):
-                    del self._forward_loads[position]
-                    return
+        self._launch_open()
+        score_sum = scores.detach().sum(dim=0) if scores.dim() == 2 else scores.detach()
+        micro_batch = self._register(counts, valid_tokens, score_sum, grad_scale, report)
+        if load is None:
+            self._open = micro_batch
         else:
-            self._forward_loads.append(len(self._loads))
-        self._loads.append(load)
+            self._launch(micro_batch, load)
+        return _AttachLoss.apply(probs, scores, self, micro_batch)
+
+    def record_load(self, probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+        """Give this forward's dispatched tokens per expert (for the metrics) and return `probs`.
+
+        The micro-batch attached in this forward takes it; without one (a router with no loss
+        term), `probs` carries it to the step's loads when back-propagated. Only back-propagated
+        micro-batches count, so a recomputed forward counts once.
+        """
+        micro_batch, self._open = self._open, None
+        if micro_batch is not None:
+            self._launch(micro_batch, load)
+            return probs
+        micro_batch = self._register(load, 0, None, lambda: 1.0, None)
+        self._launch(micro_batch, load)
+        return _AttachLoss.apply(probs, None, self, micro_batch)
+
+    def _register(self, counts, valid_tokens, score_sum, grad_scale, report) -> _MicroBatch:
+        in_forward = not _in_backward()
+        if in_forward:
+            if self._registrations >= MAX_STEP_MICRO_BATCHES:
+                _warn_once("growing step", f"moe-lbl: a layer registered {MAX_STEP_MICRO_BATCHES} micro-batches "
+                           "without a step reset, so its global batch would grow without end; moe-lbl closes the "
+                           "step now. A training loop without Megatron's finalize_model_grads must call "
+                           "moe_lbl.end_step(model) after each optimizer step")
+                self.end_step()
+            self._registrations += 1
+        return _MicroBatch(self.config, counts, valid_tokens, score_sum, grad_scale, report, in_forward,
+                           self._step_number)
+
+    def _launch_open(self) -> None:
+        """A micro-batch attached without its load (its forward never gave one) sends its counts."""
+        micro_batch, self._open = self._open, None
+        if micro_batch is not None:
+            self._launch(micro_batch, micro_batch.counts)
+
+    def _launch(self, micro_batch: _MicroBatch, load: torch.Tensor) -> None:
+        """Take the micro-batch's tag slot, and start the count sums its terms and metrics need."""
+        state = self.state
+        if self._open is micro_batch:
+            self._open = None
+        micro_batch.load = load = load.to(torch.int64)
+        needs_sequence = self._sequence_size > 1
+        needs_batch = (micro_batch.score_sum is not None and micro_batch.config.scope == "global"
+                       and self._batch_size > 1)
+        if needs_sequence or needs_batch:
+            micro_batch.slot = state.sent.clone()  # the counter moves on; its slot stays
+            tag = state.tags.index_select(0, micro_batch.slot).view(3)
+            counts = micro_batch.counts.to(torch.int64)
+            async_op = micro_batch.config.async_sync
+            step, slot = self._step_number, micro_batch.slot
+
+            def what():
+                return f"{self.name}, step {step}, micro-batch {int(slot)}"
+
+            if needs_sequence:
+                micro_batch.sequence = self._pending(torch.cat([counts, load, tag]), self.sequence_group, async_op,
+                                                     what)
+            if needs_batch:
+                tokens = _tokens_tensor(micro_batch.valid_tokens, counts.device)
+                micro_batch.batch = self._pending(torch.cat([counts, tokens, tag]), self.batch_group, async_op, what)
+        state.forward_counters.add_(state.forward_increment if micro_batch.in_forward else state.recompute_increment)
+
+    def _pending(self, local: torch.Tensor, group, async_op: bool, what: Callable[[], str]) -> _PendingSum:
+        pending = _PendingSum(self.serial, local, group, async_op, what)
+        if not capturing():
+            self._waiting.append(pending)
+        return pending
 
     def end_step(self) -> None:
-        """Close the optimizer step: empty the buffer, keep the step's loads for the metrics.
+        """Close the optimizer step: empty the buffer, keep the step's loads for the metrics,
+        and (outside a graph capture) read the checks: ranks that summed different micro-batches
+        raise MicroBatchMismatch, micro-batches never back-propagated warn.
 
-        A step that recorded nothing (a second reset, an evaluation-only step) changes nothing.
+        A step that registered nothing (a second reset, an evaluation-only step) keeps the last
+        step's metrics.
         """
-        handles = self._step.handles
-        if not handles and not self._loads:
+        if capturing():  # each statement of close_step is a kernel, replayed with the graph
+            self.state.close_step()
             return
-        # Never leave a collective in flight; check every sum's tags, all in one host sync.
-        tagged = [(s, s.tags()) for h in handles for s in (h.sequence, h.batch) if s is not None]
-        tagged = [(s, t) for s, t in tagged if t is not None]
-        values = torch.stack([t for _, t in tagged]).tolist() if tagged else []
-        problems = [p for (s, _), v in zip(tagged, values) if (p := s.mismatch(v))]
-        skipped = sum(1 for h in handles if h.batch is not None and not h.backpropagated)
+        self._launch_open()
+        for pending in self._waiting:  # never leave a collective in flight
+            pending.get()
+        self._waiting = []
+        self.state.close_step()
+        self._step_number += 1
+        self._registrations = 0
+        problem = self._check()
+        if problem:  # raised once the step is closed: nothing is left half-reset
+            raise MicroBatchMismatch(problem)
+
+    def _check(self) -> Optional[str]:
+        """What the tags received since the last check say (one host read), then clear them."""
+        state = self.state
+        n, code_sum, square_sum, sent = state.received.unbind(1)
+        bad = (n > 0) & ((n * square_sum != code_sum * code_sum) | (code_sum != n * sent))
+        skipped, first = torch.stack([state.skipped, torch.where(bad.any(), bad.int().argmax(), -1)]).tolist()
+        problem = None
+        if first >= 0:
+            n, code_sum, _, sent = state.received[first].tolist()
+            step, micro_batch = divmod(sent, _TAG_SLOTS)
+            problem = (f"moe-lbl: ranks summed the counts of different micro-batches for {self.name}: this rank "
+                       f"sent step {step} (mod {_TAG_STEPS}), micro-batch {micro_batch}, the others on average "
+                       f"micro-batch code {(code_sum - sent) / max(n - 1, 1):g} (step * {_TAG_SLOTS} + "
+                       "micro-batch). The ranks of a group must run the same micro-batches in every step: as many, "
+                       "with evaluation passes under torch.no_grad() or model.eval()")
+        state.received.zero_()
+        state.skipped.zero_()
         if skipped:
-            _warn_once("not back-propagated", f"moe-lbl: {skipped} of the {len(handles)} micro-batches a layer "
-                       "registered in this step were never back-propagated (a forward pass in training mode with "
-                       "gradients enabled, such as an evaluation); they were left out of the global batch. Run "
-                       "such passes under torch.no_grad() or after model.eval()")
-        # A new step, not a cleared one: a handle of the closed step (a graph back-propagated
-        # again) keeps reading its own step.
-        if handles:
-            self._step_number += 1
-        self._step = _Step([])
-        self.last_step_loads = self._loads
-        self._loads = []
-        self._forward_loads = []
-        if problems:  # raised once the step is closed: nothing is left half-reset
-            raise MicroBatchMismatch(problems[0])
+            _warn_once("not back-propagated", f"moe-lbl: a layer registered {skipped} micro-batch(es) that were "
+                       "never back-propagated (a forward pass in training mode with gradients enabled, such as an "
+                       "evaluation); they were left out of the global batch. Run such passes under torch.no_grad() "
+                       "or after model.eval()")
+        return problem
 
     @property
-    def buffered_counts(self) -> Optional[torch.Tensor]:
+    def buffered_counts(self) -> torch.Tensor:
         """Global counts and tokens of this step's micro-batches back-propagated so far."""
-        return self._step.pooled
+        return self.state.pooled
 
-    def _pooled(self, handle: BalanceHandle) -> torch.Tensor:
-        """Counts and tokens that define f for the global term of this micro-batch.
+    def _backward(self, micro_batch: _MicroBatch, loss_dtype: torch.dtype) -> list:
+        """The micro-batch's share of the step, once back-propagated: its loads join the step's
+        and its counts the buffer. Returns [(weight, vector)] of its terms: d loss / d score is
+        sum(scale * weight * vector), as Megatron's autograd forms it."""
+        state, E = self.state, self.num_experts
+        if micro_batch.load is None:  # attached without a load, and never given one
+            self._launch(micro_batch, micro_batch.counts)
+        late = micro_batch.step != self._step_number  # a graph back-propagated after its step closed
+        if late and micro_batch.step != self._step_number - 1:
+            raise RuntimeError(f"moe-lbl: {self.name} back-propagated a micro-batch of step {micro_batch.step} "
+                               f"after step {self._step_number - 1} closed: back-propagate each micro-batch before "
+                               "its step ends")
+        sequence = self._sum(micro_batch, micro_batch.sequence, late)
+        batch = self._sum(micro_batch, micro_batch.batch, late)
+        if not late:
+            load = micro_batch.load if sequence is None else sequence[E:2 * E]
+            total = load.sum()
+            excess = torch.add(total, load.amax(), alpha=-E)  # sum - E max = -(max / mean - 1) sum
+            state.max_vio.sub_(excess.double() / total.clamp(min=1))  # 0 for a micro-batch with no load
+            state.loads.add_(micro_batch.load)
+            state.backward_counters.add_(state.forward_increment if micro_batch.in_forward
+                                         else state.recompute_increment)
+        if micro_batch.score_sum is None:
+            return []
+        counts = micro_batch.counts if sequence is None else sequence[:E]
+        valid = micro_batch.valid_tokens
+        # T of the sequence group, as Megatron counts it: an int where the split is even (or the
+        # group one rank), else from the summed counts, which hold k per valid token.
+        if isinstance(valid, int) and (self.even_split or self._sequence_size == 1):
+            tokens = valid * self._sequence_size
+        else:
+            tokens = counts.sum() / self.topk
+        terms = []
+        for term in micro_batch.config.terms():
+            if term.scope == "micro":
+                # Megatron's switch_load_balancing_loss_func, in its order: its value to the bit.
+                weight = E * term.coeff / (self.topk * tokens * tokens)
+                vector, loss = counts, torch.sum(micro_batch.score_sum * counts) * weight
+            else:
+                totals = batch if batch is not None else torch.cat(
+                    [micro_batch.counts.to(torch.int64), _tokens_tensor(valid, counts.device)])
+                if micro_batch.config.buffer:
+                    totals = state.last_pooled + totals if late else self._pool(totals)
+                vector = totals[:E].double() / (self.topk * totals[E].clamp(min=1))  # f, exact to fp64
+                weight = term.coeff * E / (tokens.clamp(min=1) if isinstance(tokens, torch.Tensor) else max(tokens, 1))
+                loss = (torch.sum(vector * micro_batch.score_sum.double()) * weight).to(loss_dtype)
+            if micro_batch.report is not None:
+                micro_batch.report(term.scope, loss, term.coeff)
+            terms.append((weight, vector))
+        return terms
 
-        With the buffer: this micro-batch's and those of its step back-propagated before it.
-        Only back-propagated micro-batches make up the global batch; every Megatron schedule
-        back-propagates a layer's micro-batches in forward order, so that is the prefix of the
-        paper's Alg. 1.
-        """
-        if not handle.config.buffer:
-            return handle.batch.get()
-        if handle.pooled is None:
-            vector = handle.batch.get()
-            step = handle.step
-            handle.pooled = vector if step.pooled is None else step.pooled + vector
-            step.pooled = handle.pooled
-        return handle.pooled
+    def _pool(self, totals: torch.Tensor) -> torch.Tensor:
+        """The buffer with this micro-batch's global counts and tokens added: the prefix of the
+        step's back-propagated micro-batches (paper's Alg. 1), in place."""
+        return self.state.pooled.add_(totals)
 
-    def score_gradient(self, handle: BalanceHandle) -> torch.Tensor:
-        """d loss / d s_t,i for every valid local token (the same for all tokens), unscaled.
+    def _sum(self, micro_batch: _MicroBatch, pending: Optional[_PendingSum], late: bool) -> Optional[torch.Tensor]:
+        """A count sum without its tag, the tag recorded for the step's check."""
+        if pending is None:
+            return None
+        value = pending.get()
+        if not late:  # [n, sum code, sum code^2] and this rank's code
+            self.state.received.index_copy_(0, micro_batch.slot, torch.cat([value[-3:], pending.local[-2:-1]])[None])
+        return value[:-3]
 
-        Also reports each term's value divided by its coefficient, the first time.
-        """
-        sequence = handle.sequence.get()
-        handle.backpropagated = True
-        scale = self.num_experts / sequence[-1].clamp(min=1).double()  # N_E / T over the sequence group
-        gradient = torch.zeros(self.num_experts, dtype=torch.float64, device=sequence.device)
-        for term in handle.config.terms():
-            totals = self._pooled(handle) if term.scope == "global" else sequence
-            f = totals[:-1].double() / (self.topk * totals[-1].clamp(min=1).double())
-            gradient += (term.coeff * scale) * f
-            if handle.report is not None and not handle.reported:
-                handle.report(term.scope, (scale * (f * handle.score_sum.double()).sum()).to(handle.score_sum.dtype))
-        handle.reported = True
-        return gradient
+
+def _tokens_tensor(valid_tokens: Union[int, torch.Tensor], device) -> torch.Tensor:
+    """[1] int64; filled on the device from an int (no host-to-device copy, which a capture refuses)."""
+    if isinstance(valid_tokens, int):
+        return torch.full((1,), valid_tokens, dtype=torch.int64, device=device)
+    return valid_tokens.to(torch.int64).reshape(1)
 
 
 class _AttachLoss(torch.autograd.Function):
-    """Identity on probs; in backward, adds the balancing-loss gradient to the scores."""
+    """Identity on probs; in backward, the micro-batch's gradient to the scores (or their sums)."""
 
     @staticmethod
-    def forward(ctx, probs, scores, handle: BalanceHandle):
-        ctx.handle = handle
-        ctx.scores_shape = scores.shape
-        ctx.scores_dtype = scores.dtype
+    def forward(ctx, probs, scores, balancer: LoadBalancer, micro_batch: _MicroBatch):
+        ctx.balancer, ctx.micro_batch = balancer, micro_batch
+        if scores is not None:
+            ctx.scores_shape, ctx.scores_dtype = scores.shape, scores.dtype
         return probs
 
     @staticmethod
     def backward(ctx, grad_probs):
-        gradient = ctx.handle.gradient()  # also reports the values
-        if not ctx.needs_input_grad[1]:
-            return grad_probs, None, None
-        return grad_probs, gradient.to(ctx.scores_dtype).expand(ctx.scores_shape), None
+        micro_batch = ctx.micro_batch
+        if micro_batch.gradient is None:
+            loss_dtype = _loss_dtype(getattr(ctx, "scores_dtype", torch.float32))
+            micro_batch.gradient = ctx.balancer._backward(micro_batch, loss_dtype)
+            micro_batch.report = None  # a retained graph back-propagated again adds nothing
+        if not micro_batch.gradient or not ctx.needs_input_grad[1]:
+            return grad_probs, None, None, None
+        scale = micro_batch.grad_scale()
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(_loss_dtype(ctx.scores_dtype))  # as Megatron's ones_like(aux_loss) * scale
+        gradient = None
+        for weight, vector in micro_batch.gradient:
+            term = (scale * weight) * vector
+            gradient = term if gradient is None else gradient + term
+        return grad_probs, gradient.to(ctx.scores_dtype).expand(ctx.scores_shape), None, None

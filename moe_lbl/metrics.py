@@ -26,8 +26,8 @@ def max_violation(load: torch.Tensor) -> torch.Tensor:
 class LayerBalance:
     """Expert load of one MoE layer over one optimizer step.
 
-    micro_max_vio: MaxVio of each micro-batch (its sequence group's tokens), averaged over the
-        step's micro-batches and the data-parallel ranks.
+    micro_max_vio: MaxVio of each back-propagated micro-batch (its sequence group's tokens),
+        averaged over the step's micro-batches and the data-parallel ranks.
     global_max_vio: MaxVio of the whole global batch.
     tokens_per_expert: dispatched tokens per expert in the global batch.
     """
@@ -45,18 +45,17 @@ def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
 
 
 def layer_balance(layer: int, balancer: LoadBalancer) -> Optional[LayerBalance]:
-    """Balance of the last completed step of one layer; None if it recorded no training load.
+    """Balance of the last completed step of one layer; None if it back-propagated no training
+    micro-batch.
 
-    A collective over the balancer's groups: every rank of the batch group must call it.
+    A collective over the balancer's batch group: every rank of it must call it.
     """
-    loads = balancer.last_step_loads
-    if not loads:
+    state = balancer.state
+    micro_batches = state.last[-1:].double()
+    summary = _all_reduce(torch.cat([state.last_max_vio.view(1), micro_batches]), balancer.batch_group)
+    total = _all_reduce(state.last[:-1].clone(), balancer.batch_group)
+    if float(summary[1]) == 0:
         return None
-    local = torch.stack(loads)
-    total = _all_reduce(local.sum(dim=0), balancer.batch_group)
-    micro = max_violation(_all_reduce(local, balancer.sequence_group))
-    summary = torch.stack([micro.sum(), torch.tensor(float(len(loads)), dtype=torch.float64, device=micro.device)])
-    summary = _all_reduce(summary, balancer.batch_group)
     # Ranks of one sequence group hold the same micro values: the ratio is the data-parallel mean.
     return LayerBalance(
         layer=layer,

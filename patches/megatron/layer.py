@@ -18,6 +18,7 @@ from moe_lbl.patches.megatron.compatibility import LOGGING_MODULE
 from moe_lbl.patches.megatron.configuration import resolve_balance_config, tracker_names
 
 _LAYER = "_moe_lbl_layer"
+_BUFFER = "_moe_lbl_state"  # prefix of the engine's state buffers on the router
 
 
 def _sequence_group(router):
@@ -58,7 +59,12 @@ class Layer:
         self.names = tracker_names(config, balance_config)
         self.balancer = LoadBalancer(balance_config, num_experts=config.num_moe_experts, topk=router.topk,
                                      sequence_group=self.sequence_group, batch_group=self.batch_group,
-                                     name=f"the router of layer {router.layer_number}")
+                                     name=f"the router of layer {router.layer_number}", even_split=True,
+                                     device=router.weight.device)
+        # The engine's state as buffers of the router: Megatron's CUDA graphs (cuda_graph_impl
+        # "local") save and restore a layer's buffers around their warmup and capture passes.
+        for index, tensor in enumerate(self.balancer.state.tensors()):
+            router.register_buffer(f"{_BUFFER}{index}", tensor, persistent=False)
 
     def refresh(self, router) -> "Layer":
         """Resolve the balance config from the router's config as it is now (once per forward)."""
@@ -67,33 +73,41 @@ class Layer:
         self.names = tracker_names(router.config, balance_config)
         return self
 
-    def per_token_scale(self, valid_tokens: Union[int, torch.Tensor]):
-        """What Megatron multiplies aux and z-losses by under per-token loss: the local valid
-        tokens, from 0.19 on times the tensor x context group size (1 otherwise)."""
+    def per_token_scale(self, loss, valid_tokens: Union[int, torch.Tensor]):
+        """`loss` as Megatron scales aux and z-losses under per-token loss: times the local valid
+        tokens, from 0.19 on times the tensor x context group size too (in Megatron's order)."""
         if not self.per_token_loss:
-            return 1
-        if self.features.tp_cp_token_scale:
-            return valid_tokens * self.sequence_group.size()
-        return valid_tokens
+            return loss
+        loss = loss * valid_tokens
+        return loss * self.sequence_group.size() if self.features.tp_cp_token_scale else loss
 
     def loss_scale(self, valid_tokens: Union[int, torch.Tensor]):
-        """Megatron's aux-loss gradient scale, read at backward time as MoEAuxLossAutoScaler does."""
+        """Megatron's aux-loss gradient scale, read at backward time as MoEAuxLossAutoScaler
+        does, and formed in the order of its autograd (the per-token factors, then the MTP
+        repeats)."""
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         scale = MoEAuxLossAutoScaler.main_loss_backward_scale
-        return (1.0 if scale is None else scale) * self.per_token_scale(valid_tokens)
+        scale = 1.0 if scale is None else scale
+        if self.per_token_loss:
+            if self.features.tp_cp_token_scale:
+                scale = scale * self.sequence_group.size()
+            scale = scale * valid_tokens
+        return scale / self.repeats if self.repeats != 1 else scale
 
     def attach(self, probs: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor,
-               valid_tokens: Union[int, torch.Tensor]) -> torch.Tensor:
+               valid_tokens: Union[int, torch.Tensor], load: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The engine's loss on one micro-batch, its gradient attached to the balancing scores (or
         their sums), its values logged under Megatron's names when backward has them."""
         names = self.names  # this micro-batch's, whatever a later forward resolves
 
-        def report(scope, value):
-            self.track(names[scope], value / self.repeats, reduce_group=self.sequence_group)
+        def report(scope, loss, coeff):  # what Megatron logs: the loss over its coefficient
+            if self.repeats != 1:
+                loss = loss / self.repeats
+            self.track(names[scope], loss / coeff, reduce_group=self.sequence_group)
 
-        return self.balancer.attach(probs, scores, counts, valid_tokens,
-                                    lambda: self.loss_scale(valid_tokens) / self.repeats, report)
+        return self.balancer.attach(probs, scores, counts, valid_tokens, lambda: self.loss_scale(valid_tokens),
+                                    report, load=load)
 
     def track(self, name: str, value: torch.Tensor, **groups) -> None:
         """Record a per-layer value in Megatron's tracker: moe_logging's metrics tracker (0.18+,
@@ -142,7 +156,9 @@ def layers(model):
 
 
 def drop(router) -> Layer:
-    """Detach the router's Layer (unpatch); returns it."""
+    """Detach the router's Layer and its state buffers (unpatch); returns it."""
     layer = getattr(router, _LAYER)
     delattr(router, _LAYER)
+    for name in [name for name in router._buffers if name.startswith(_BUFFER)]:
+        del router._buffers[name]
     return layer

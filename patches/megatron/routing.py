@@ -38,8 +38,8 @@ def _routing(self, logits, padding_mask=None):
         probs, routing_map = original(self, logits)
     else:
         probs, routing_map = original(self, logits, padding_mask=padding_mask)
-    if self.training and torch.is_grad_enabled():  # once per micro-batch, also under recompute
-        layer.balancer.record_load(_dispatched(routing_map, padding_mask))
+    if self.training and torch.is_grad_enabled():  # counted when back-propagated: once under recompute
+        probs = layer.balancer.record_load(probs, _dispatched(routing_map, padding_mask))
     return probs, routing_map
 
 
@@ -172,7 +172,7 @@ def _fused_routing(router, layer: Layer, call: KernelCall):
     if call.z_coeff is not None:
         # Megatron's z-loss: coeff * mean over valid tokens of lse^2, attached as it attaches it.
         z_value = stats.z_sum / stats.valid_tokens.clamp(min=1)
-        probs = MoEAuxLossAutoScaler.apply(probs, z_value * call.z_coeff * layer.per_token_scale(stats.valid_tokens))
+        probs = MoEAuxLossAutoScaler.apply(probs, layer.per_token_scale(z_value * call.z_coeff, stats.valid_tokens))
         groups = {"avg_group": layer.batch_group} if layer.features.tp_cp_token_scale else {}
         layer.track("z_loss", z_value.detach() / layer.repeats, **groups)  # z_loss / coeff, as Megatron logs it
     routing_map = out.routing_map
@@ -180,15 +180,15 @@ def _fused_routing(router, layer: Layer, call: KernelCall):
         probs, routing_map = apply_router_token_dropping(
             probs, routing_map, router_topk=router.topk, capacity_factor=config.moe_expert_capacity_factor,
             drop_policy=config.moe_token_drop_policy, pad_to_capacity=config.moe_pad_expert_input_to_capacity)
-    if "score_sums" in call.gradients:  # a balancing loss on this micro-batch
-        probs = layer.attach(probs, stats.score_sums, stats.aux_counts, stats.valid_tokens)
     if torch.is_grad_enabled() and (call.training or router.enable_expert_bias):
         if stats is not None and config.moe_expert_capacity_factor is None:
             load = stats.dispatch_counts
         else:
             load = _dispatched(routing_map, call.padding_mask)
-        if call.training:
-            layer.balancer.record_load(load)
+        if "score_sums" in call.gradients:  # a balancing loss on this micro-batch
+            probs = layer.attach(probs, stats.score_sums, stats.aux_counts, stats.valid_tokens, load=load)
+        elif call.training:
+            probs = layer.balancer.record_load(probs, load)
         if router.enable_expert_bias:
             # What TopKRouter._apply_expert_bias does, which in 0.16 fails with a padding mask
             # (it combines the [T, E] map with the [T] mask without broadcasting).

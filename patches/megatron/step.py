@@ -62,7 +62,7 @@ def _report(self, loss_scale, iteration, *args, track_names=None, **kwargs):
         layer = layer_of(router)
         balance = layer_balance(router.layer_number, layer.balancer)
         if balance is not None:  # report multiplies by loss_scale (1 / micro-batches): undo it
-            device = layer.balancer.last_step_loads[0].device
+            device = layer.balancer.state.ints.device
             for name, value in zip(MAX_VIO_NAMES, (balance.micro_max_vio, balance.global_max_vio)):
                 self.record(name, torch.tensor(value / loss_scale, device=device), layer.log_layer, layer.num_layers)
     if track_names is not None:  # every rank adds the names: report's reduction spans pipeline stages

@@ -17,6 +17,7 @@ from tests.helpers.reference import (
     random_micro_batch,
     reference_losses,
     topk_mask,
+    value_recorder,
 )
 
 pytestmark = pytest.mark.cpu_harness
@@ -50,7 +51,7 @@ def rank_worker(rank, world_size):
             out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores,
                                   topk_mask(logits.detach(), TOPK, padding).sum(0), int((~padding).sum()),
                                   lambda: 1.0 / NUM_MICRO_BATCHES,
-                                  lambda n, v, values=values: values.__setitem__(n, float(v)))
+                                  value_recorder(values))
             out.sum().backward()
             micro_batches.append(MicroBatchResult(logits.grad, values))
         balancer.end_step()
@@ -98,9 +99,9 @@ def coalescing_worker(rank, world_size) -> Coalesced:
                 logits.requires_grad_()
                 scores = torch.softmax(logits, dim=-1) * (~padding).unsqueeze(1)
                 values = {}
-                out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores,
-                                      topk_mask(logits.detach(), TOPK, padding).sum(0), int((~padding).sum()),
-                                      lambda: 1.0, lambda n, v, values=values: values.__setitem__(n, float(v)))
+                counts = topk_mask(logits.detach(), TOPK, padding).sum(0)
+                out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores, counts,
+                                      int((~padding).sum()), lambda: 1.0, value_recorder(values), load=counts)
                 outs.append((layer, logits, out, values))
             after_forward.append(len(calls))
             for layer, logits, out, values in reversed(outs):  # backward runs the last layer first
@@ -114,8 +115,8 @@ def coalescing_worker(rank, world_size) -> Coalesced:
 def test_layers_share_one_all_reduce_per_micro_batch():
     results = spawn(coalescing_worker, 2)
     for result in results:
-        # per layer: counts, tokens and the micro-batch tag (t, t^2)
-        assert result.all_reduce_sizes == [3 * (NUM_EXPERTS + 3)] * 3
+        # per layer: counts, tokens and the micro-batch tag [1, t, t^2]
+        assert result.all_reduce_sizes == [3 * (NUM_EXPERTS + 4)] * 3
         assert result.after_forward == [0, 2, 3]  # micro-batches 1 and 2 launched before their backward
     for layer in range(3):
         data = {(r, j): micro_batch(r + 2 * layer, j) for r in range(2) for j in range(3)}

@@ -18,11 +18,17 @@ def test_max_violation_matches_definition():
 
 
 def test_layer_balance_of_one_rank():
+    import moe_lbl.engine as engine
+
+    engine._WARNED.discard("not back-propagated")
     balancer = LoadBalancer(BalanceConfig(), num_experts=4, topk=2)
     assert layer_balance(3, balancer) is None  # nothing recorded yet
     for load in ([4, 0, 2, 2], [1, 1, 1, 1]):
-        balancer.record_load(torch.tensor(load))
-    balancer.end_step()
+        probs = torch.zeros(3, 4, requires_grad=True)
+        balancer.record_load(probs, torch.tensor(load)).sum().backward()
+    balancer.record_load(torch.zeros(3, 4, requires_grad=True), torch.tensor([9, 0, 0, 0]))  # never back-propagated
+    with pytest.warns(UserWarning, match="registered 1 micro-batch\\(es\\) that were never back-propagated"):
+        balancer.end_step()
     report = layer_balance(3, balancer)
     assert report.layer == 3
     assert report.micro_max_vio == pytest.approx((1.0 + 0.0) / 2)

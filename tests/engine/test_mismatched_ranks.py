@@ -63,8 +63,8 @@ def test_ranks_with_different_micro_batch_counts_both_raise(async_sync):
         assert message.startswith("moe-lbl: ranks summed the counts of different micro-batches for layer 1"), (
             rank, message)
         assert "must run the same micro-batches in every step" in message
-    assert "this rank sent step 0, micro-batch 2" in results[0]
-    assert "this rank sent step 1, micro-batch 0" in results[1]
+    assert "this rank sent step 0 (mod 64), micro-batch 2" in results[0]
+    assert "this rank sent step 1 (mod 64), micro-batch 0" in results[1]
 
 
 def test_an_evaluation_pass_on_one_rank_ends_in_an_error_that_says_what_was_awaited():

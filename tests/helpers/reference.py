@@ -68,6 +68,12 @@ def reference_losses(data: dict, config: BalanceConfig, num_experts: int, topk: 
     return out
 
 
+def value_recorder(values: dict):
+    """An engine report callback that stores each term's value (its loss over its coefficient,
+    as Megatron logs it) in `values`, by scope."""
+    return lambda scope, loss, coeff: values.__setitem__(scope, float(loss) / coeff)
+
+
 def assert_matches_reference(got: dict, want: dict) -> None:
     """got[(rank, j)], a MicroBatchResult of what ran, against reference_losses' output."""
     assert got.keys() == want.keys()

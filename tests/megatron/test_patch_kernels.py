@@ -38,7 +38,7 @@ class MicroBatch(NamedTuple):
 class Run(NamedTuple):
     micro_batches: list  # [MicroBatch]
     buffered_counts: torch.Tensor  # the engine's counts and tokens after the step's micro-batches
-    loads: list  # the dispatched loads it recorded
+    loads: torch.Tensor  # the dispatched tokens of the step's back-propagated micro-batches
     expert_bias_counts: Optional[torch.Tensor]  # the router's local_tokens_per_expert, with expert bias
 
 
@@ -57,7 +57,7 @@ def run(name, kernels, logits, padding, weight) -> Run:
         (probs * weight[j]).sum().backward()
         micro_batches.append(MicroBatch(probs.detach(), routing_map, x.grad, take_tracker()))
     balancer = balancer_of(router)
-    result = Run(micro_batches, balancer.buffered_counts, list(balancer._loads),
+    result = Run(micro_batches, balancer.buffered_counts.clone(), balancer.state.loads.clone(),
                  None if router.local_tokens_per_expert is None else router.local_tokens_per_expert.clone())
     moe_lbl.unpatch_megatron()
     return result
@@ -81,10 +81,10 @@ def test_fused_patched_router_matches_unfused(megatron_world, name):
         assert got.tracker.keys() == want.tracker.keys() and want.tracker
         for key in want.tracker:
             torch.testing.assert_close(got.tracker[key], want.tracker[key], rtol=1e-5, atol=0)
-    for a, b in ((fused.buffered_counts, unfused.buffered_counts),  # None in micro scope
-                 (fused.expert_bias_counts, unfused.expert_bias_counts)):  # None without expert bias
-        assert (a is None and b is None) or torch.equal(a, b)
-    assert len(fused.loads) == len(unfused.loads) and all(map(torch.equal, fused.loads, unfused.loads))
+    assert torch.equal(fused.buffered_counts, unfused.buffered_counts)  # zero in micro scope
+    assert torch.equal(fused.loads, unfused.loads) and int(fused.loads.sum()) > 0
+    a, b = fused.expert_bias_counts, unfused.expert_bias_counts  # None without expert bias
+    assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_gpt_step_with_kernels_matches_without(megatron_world):

@@ -31,7 +31,7 @@ def test_counts_are_not_doubled_under_recompute(megatron_world, recompute):
         balancers = [b for _, b in moe_lbl.iter_balancers(model)]
         assert len(balancers) == spec.num_layers
         buffers.append([b.buffered_counts.clone() for b in balancers])
-        assert all(len(b._loads) == 1 for b in balancers)  # one recorded load per micro-batch
+        assert all(int(b.state.backward_counters[0]) == 1 for b in balancers)  # one back-propagated micro-batch
     num_tokens = batch.tokens.numel()
     for plain, recomputed in zip(*buffers):
         assert torch.equal(plain, recomputed)
@@ -66,14 +66,16 @@ def test_torch_checkpointing_registers_each_micro_batch_once(megatron_world, ree
             (probs * weight).sum().backward()
             grads.append(x.grad)
         balancer = balancer_of(router)
-        result = grads, balancer.buffered_counts.clone(), len(balancer._step.handles), len(balancer._loads)
+        state = balancer.state
+        result = grads, balancer.buffered_counts.clone(), state.loads.clone(), int(state.backward_counters[0])
         moe_lbl.unpatch_megatron()
         return result
 
     plain, checkpointed = run(False), run(True)
     for a, b in zip(plain[0], checkpointed[0]):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
-    assert torch.equal(checkpointed[1], plain[1]) and checkpointed[2:] == plain[2:] == (2, 2)
+    assert torch.equal(checkpointed[1], plain[1]) and torch.equal(checkpointed[2], plain[2])
+    assert checkpointed[3] == plain[3] == 2  # each micro-batch back-propagated, and counted, once
 
 
 def test_end_step_closes_the_step_of_a_loop_without_finalize_model_grads(megatron_world):
@@ -85,7 +87,7 @@ def test_end_step_closes_the_step_of_a_loop_without_finalize_model_grads(megatro
         balancers = [b for _, b in moe_lbl.iter_balancers(model)]
         assert all(int(b.buffered_counts[-1]) == one_micro_batch(spec).tokens.numel() for b in balancers)
         moe_lbl.end_step(model)
-        assert all(b.buffered_counts is None and len(b.last_step_loads) == 1 for b in balancers)
+        assert all(not b.buffered_counts.any() and int(b.state.last[-1]) == 1 for b in balancers)
 
 
 @pytest.mark.parametrize("balancing_type", ["aux_loss", "global_aux_loss"])
@@ -99,13 +101,13 @@ def test_buffer_is_emptied_by_finalize_model_grads(megatron_world, megatron_feat
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     train_step(ddp, optimizer, synthetic_batches(0, 0, 2, 2, spec.seq_length, spec.vocab_size))
     balancers = [b for _, b in moe_lbl.iter_balancers(ddp)]
-    assert all(b.buffered_counts is None and len(b.last_step_loads) == 2 for b in balancers)
+    assert all(not b.buffered_counts.any() and int(b.state.last[-1]) == 2 for b in balancers)
     # The next step starts from zero: after one micro-batch the buffer holds just its counts.
     batch = one_micro_batch(spec, seed=1)
     forward_loss(ddp, batch).backward()
     for b in balancers:
         assert int(b.buffered_counts[-1]) == batch.tokens.numel()
-        assert torch.equal(b.buffered_counts[:-1], b._loads[-1])
+        assert torch.equal(b.buffered_counts[:-1], b.state.loads)
 
 
 def patched_objects():
