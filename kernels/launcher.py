@@ -44,6 +44,11 @@ def launch(kernel, programs: int, *args, **kwargs) -> None:
         kernel[(programs,)](*args, **kwargs)
 
 
+def capturing() -> bool:
+    """Whether launches are being recorded (by capture())."""
+    return _captured is not None
+
+
 @contextlib.contextmanager
 def capture() -> Iterator[list[KernelLaunch]]:
     """Record the launches of the entry points called in the block instead of running them.

@@ -51,8 +51,9 @@ def router_forward(
     logits_ptr, stride_t, num_tokens, bias_ptr, padding_ptr, scaling_factor,
     # outputs: dense [T, E], sparse [T, K]
     probs_ptr, map_ptr, indices_ptr, topk_probs_ptr,
-    # per-program statistics: counts [P, 2, E] (aux top-k, dispatched), score sums [P, E], z sums [P]
-    counts_partial_ptr, scores_partial_ptr, z_partial_ptr,
+    # per-program statistics: counts [P, 2, E] (aux top-k, dispatched), score sums [P, E], z sums [P],
+    # valid tokens [P]
+    counts_partial_ptr, scores_partial_ptr, z_partial_ptr, valid_partial_ptr,
     # routing
     E: tl.constexpr, K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, GROUP_TOPK: tl.constexpr,
     SOFTMAX: tl.constexpr, PRE_SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
@@ -74,6 +75,7 @@ def router_forward(
         count_dispatch = tl.zeros([BLOCK_T, BLOCK_G, BLOCK_GS], tl.int32)
         score_sum = tl.zeros([BLOCK_T, BLOCK_G, BLOCK_GS], tl.float32)
         z_sum = tl.zeros([BLOCK_T], tl.float32)
+        valid_count = tl.zeros([BLOCK_T], tl.int32)
 
     for block in range(pid, tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
         rows, row_ok, ok, x = load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T,
@@ -208,6 +210,7 @@ def router_forward(
                 count_aux += counted.to(tl.int32)
             lse = row_max_x + log(denominator, INTERPRETED)
             z_sum += tl.where(valid, lse * lse, 0.0)
+            valid_count += valid.to(tl.int32)
 
     if COMPUTE_STATS:
         g2 = tl.arange(0, BLOCK_G)[:, None]
@@ -219,3 +222,4 @@ def router_forward(
             tl.store(counts_partial_ptr + pid * 2 * E + E + e2, tl.sum(count_dispatch, 0), mask=ok2)
         tl.store(scores_partial_ptr + pid * E + e2, tl.sum(score_sum, 0), mask=ok2)
         tl.store(z_partial_ptr + pid, tl.sum(z_sum, 0))
+        tl.store(valid_partial_ptr + pid, tl.sum(valid_count, 0))

@@ -82,9 +82,9 @@ def main(argv) -> int:
     import triton
 
     from moe_lbl.kernels import aot, launcher
-    from moe_lbl.kernels.topk_router_details import _backward, _forward
+    from moe_lbl.kernels.topk_router_details import _backward, _forward, _statistics
 
-    kernels = {name for module in (_forward, _backward) for name, obj in vars(module).items()
+    kernels = {name for module in (_forward, _backward, _statistics) for name, obj in vars(module).items()
                if isinstance(obj, triton.runtime.jit.JITFunction) and obj.fn.__module__ == module.__name__
                and not name.startswith("_")}  # the kernels themselves, not the jit helpers they call
     launched, failures = set(), 0
@@ -92,8 +92,9 @@ def main(argv) -> int:
         with launcher.capture() as launches:
             run_case(*case)
         names = sorted(launch.name for launch in launches)
-        if names != ["router_backward", "router_forward"]:
-            print(f"FAIL {case}: launched {names}, want one forward and one backward")
+        want = sorted(["router_forward", "router_backward"] + ["router_statistics"] * case.outputs["stats"])
+        if names != want:
+            print(f"FAIL {case}: launched {names}, want {want}")
             failures += 1
         launched.update(names)
         for launch in launches:
@@ -120,7 +121,8 @@ def test_every_kernel_compiles_for_sm80_sm90_sm100():
         env["TRITON_CACHE_DIR"] = cache  # compile for real, not from an earlier run's cache
         result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
-    assert result.stdout.count("ok   sm_") == len(CASES) * 2 * len(TARGETS), result.stdout
+    launches = sum(2 + case.outputs["stats"] for case in CASES)
+    assert result.stdout.count("ok   sm_") == launches * len(TARGETS), result.stdout
 
 
 if __name__ == "__main__":

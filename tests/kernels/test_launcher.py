@@ -33,9 +33,9 @@ def test_capture_records_launches_instead_of_running_them():
     with launcher.capture() as launches:
         out = fused_topk_router(logits, 4, sparse=False)
         (out.probs.float().sum() + out.stats.score_sums.sum()).backward()
-    assert [launch.name for launch in launches] == ["router_forward", "router_backward"]
+    assert [launch.name for launch in launches] == ["router_forward", "router_statistics", "router_backward"]
     assert launches[0].kwargs["WRITE_DENSE"] and not launches[0].kwargs["WRITE_SPARSE"]
-    assert launches[1].kwargs["HAS_LBL"] and not launches[1].kwargs["HAS_Z"]
+    assert launches[2].kwargs["HAS_LBL"] and not launches[2].kwargs["HAS_Z"]
     with pytest.raises(RuntimeError, match="already being captured"):
         with launcher.capture(), launcher.capture():
             pass

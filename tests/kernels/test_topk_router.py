@@ -13,6 +13,7 @@ import torch
 from moe_lbl.kernels import Launch, fused_topk_router, topk_routing_with_score_function
 from moe_lbl.kernels import topk_router as kernel_module
 from moe_lbl.kernels.launcher import interpreting
+from moe_lbl.kernels.topk_router_details import _ops as kernel_ops
 from moe_lbl.kernels.topk_router_reference import near_tie_rows, reference_routing
 
 EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.9e-3, torch.float16: 9.8e-4}
@@ -83,7 +84,7 @@ def poisoned(monkeypatch):
             return torch.ones(shape, dtype=dtype, device=device)
         return torch.full(shape, -7, dtype=dtype, device=device)
 
-    monkeypatch.setattr(kernel_module, "_empty", empty)
+    monkeypatch.setattr(kernel_ops, "_empty", empty)
 
 
 def launch_for(device):

@@ -36,6 +36,7 @@ SCOPES = {
     "hybrid": dict(scope="global", micro_coeff=MICRO_COEFF),
 }
 MODES = ("eager", "layer", "step")
+PATHS = {"megatron": False, "fused": True}  # Megatron's routing, or the fused kernels (interpreted on CPU)
 
 
 def micro_batch(rank, step, j):
@@ -52,14 +53,14 @@ class StepResult(NamedTuple):
     balance: object  # the layer's moe_lbl.metrics.LayerBalance of the step
 
 
-def rank_worker(rank, world_size, mode, scopes, mutant=False) -> dict:
+def rank_worker(rank, world_size, mode, scopes, kernels=False, mutant=False) -> dict:
     """{scope: [StepResult per step]} of one rank."""
     if mutant:
         python_list_buffer()
-    return {scope: run_scope(rank, SCOPES[scope], mode) for scope in scopes}
+    return {scope: run_scope(rank, SCOPES[scope], mode, kernels) for scope in scopes}
 
 
-def run_scope(rank, options, mode) -> list:
+def run_scope(rank, options, mode, kernels) -> list:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     import moe_lbl
@@ -69,7 +70,7 @@ def run_scope(rank, options, mode) -> list:
     from tests.helpers.graphs import SyncGuard, capture
     from tests.helpers.megatron import aux_loss_tracker, build_router, take_tracker
 
-    moe_lbl.patch_megatron(kernels=False, **options)
+    moe_lbl.patch_megatron(kernels=kernels, **options)
     router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF)
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / NUM_MICRO_BATCHES)
     balancer = balancer_of(router)
@@ -166,25 +167,27 @@ def assert_step_matches(got, want, eager, rank, step_values):
 
 @pytest.fixture(scope="module")
 def runs():
-    return {mode: spawn(rank_worker, 2, mode, list(SCOPES)) for mode in MODES}
+    return {(path, mode): spawn(rank_worker, 2, mode, list(SCOPES), kernels) for path, kernels in PATHS.items()
+            for mode in MODES}
 
 
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scope", list(SCOPES))
-def test_graph_replays_match_eager_and_the_formulas(runs, scope, mode):
+def test_graph_replays_match_eager_and_the_formulas(runs, scope, mode, path):
     for step in range(STEPS):
         want = expected(SCOPES[scope], step)
         step_values = list(want[0, 0].values) if mode == "step" and step > 0 else []
         for rank in range(2):
-            assert_step_matches(runs[mode][rank][scope][step], want, runs["eager"][rank][scope][step], rank,
-                                step_values)
+            assert_step_matches(runs[path, mode][rank][scope][step], want, runs[path, "eager"][rank][scope][step],
+                                rank, step_values)
 
 
 def test_a_python_side_buffer_fails_under_replay():
     """The harness has teeth: keeping the buffer's history on the host gives eager mode's
     results, and wrong ones once a recorded graph replays."""
-    eager = spawn(rank_worker, 2, "eager", ["global"], True)
-    graphs = spawn(rank_worker, 2, "layer", ["global"], True)
+    eager = spawn(rank_worker, 2, "eager", ["global"], False, True)
+    graphs = spawn(rank_worker, 2, "layer", ["global"], False, True)
     want = expected(SCOPES["global"], 1)
     for rank in range(2):
         assert_step_matches(eager[rank]["global"][1], want, eager[rank]["global"][1], rank, [])

@@ -1,0 +1,47 @@
+"""The forward's per-program statistics, summed in one fixed order (deterministic for a grid)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def router_statistics(
+    # inputs: per forward program, counts [P, 2, E] (aux top-k, dispatched), score sums [P, E],
+    # z sums [P], valid tokens [P]
+    counts_partial_ptr, scores_partial_ptr, z_partial_ptr, valid_partial_ptr, num_partials,
+    # outputs: counts [2, E] int64, score sums [E] fp32, z sum [1] fp32, valid tokens [1] int64
+    counts_ptr, score_sums_ptr, z_sum_ptr, valid_ptr,
+    E: tl.constexpr, SEPARATE_AUX_TOPK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Each program sums a block of experts over the partials; program 0 also the z sums and
+    the valid tokens. Without SEPARATE_AUX_TOPK the dispatched counts are the aux counts."""
+    pid = tl.program_id(0)
+    expert = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    expert_ok = expert < E
+    aux = tl.zeros([BLOCK_E], tl.int64)
+    dispatched = tl.zeros([BLOCK_E], tl.int64)
+    scores = tl.zeros([BLOCK_E], tl.float32)
+    for start in range(0, num_partials, BLOCK_P):
+        partial = start + tl.arange(0, BLOCK_P)
+        ok = (partial < num_partials)[:, None] & expert_ok[None, :]
+        counts = counts_partial_ptr + partial[:, None] * (2 * E) + expert[None, :]
+        aux += tl.sum(tl.load(counts, mask=ok, other=0).to(tl.int64), 0)
+        if SEPARATE_AUX_TOPK:
+            dispatched += tl.sum(tl.load(counts + E, mask=ok, other=0).to(tl.int64), 0)
+        scores += tl.sum(tl.load(scores_partial_ptr + partial[:, None] * E + expert[None, :], mask=ok, other=0.0), 0)
+    tl.store(counts_ptr + expert, aux, mask=expert_ok)
+    if SEPARATE_AUX_TOPK:
+        tl.store(counts_ptr + E + expert, dispatched, mask=expert_ok)
+    else:
+        tl.store(counts_ptr + E + expert, aux, mask=expert_ok)
+    tl.store(score_sums_ptr + expert, scores, mask=expert_ok)
+    if pid == 0:
+        z = tl.zeros([BLOCK_P], tl.float32)
+        valid = tl.zeros([BLOCK_P], tl.int64)
+        for start in range(0, num_partials, BLOCK_P):
+            partial = start + tl.arange(0, BLOCK_P)
+            ok = partial < num_partials
+            z += tl.load(z_partial_ptr + partial, mask=ok, other=0.0)
+            valid += tl.load(valid_partial_ptr + partial, mask=ok, other=0).to(tl.int64)
+        tl.store(z_sum_ptr, tl.sum(z, 0))
+        tl.store(valid_ptr, tl.sum(valid, 0))
