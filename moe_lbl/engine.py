@@ -178,8 +178,9 @@ class BalanceState:
       last_loads [E], last_backpropagated: the last closed step's, for the metrics
       last_pooled [E+1]: the last closed step's buffer (for a graph back-propagated after it)
     tags [_TAG_SLOTS, 3] (int64): the tag [1, code, code^2] each slot sends this step
-    received [_TAG_SLOTS, 4] (int64): each slot's summed tag [n, sum code, sum code^2] and the
-      code it sent (zero until its sum was back-propagated), until the checks read them
+    received [2, _TAG_SLOTS, 4] (int64): per sum (over the sequence group, over the batch group)
+      and slot, the summed tag [n, sum code, sum code^2] and the code this rank sent (zero until
+      the sum was back-propagated), until the checks read them
     floats (float64): max_vio (the step's sum over its back-propagated micro-batches of
       max load / mean load - 1, each over its sequence group), last_max_vio.
     """
@@ -201,7 +202,7 @@ class BalanceState:
         self.last_pooled = ints[3 * E + 8:4 * E + 9]
         self.slots = torch.arange(_TAG_SLOTS, device=device)
         self.tags = torch.stack([torch.ones_like(self.slots), self.slots, self.slots * self.slots], dim=1)
-        self.received = torch.zeros(_TAG_SLOTS, 4, dtype=torch.int64, device=device)
+        self.received = torch.zeros(2, _TAG_SLOTS, 4, dtype=torch.int64, device=device)
         self.floats = torch.zeros(2, dtype=torch.float64, device=device)
         self.max_vio, self.last_max_vio = self.floats[0], self.floats[1]
         # Constant increments, made once: adding one is one kernel, making it would be another.
@@ -510,12 +511,13 @@ class LoadBalancer:
     def _check(self) -> Optional[str]:
         """What the tags received since the last check say (one host read), then clear them."""
         state = self.state
-        n, code_sum, square_sum, sent = state.received.unbind(1)
+        received = state.received.view(-1, 4)
+        n, code_sum, square_sum, sent = received.unbind(1)
         bad = (n > 0) & ((n * square_sum != code_sum * code_sum) | (code_sum != n * sent))
         skipped, first = torch.stack([state.skipped, torch.where(bad.any(), bad.int().argmax(), -1)]).tolist()
         problem = None
         if first >= 0:
-            n, code_sum, _, sent = state.received[first].tolist()
+            n, code_sum, _, sent = received[first].tolist()
             step, micro_batch = divmod(sent, _TAG_SLOTS)
             problem = (f"moe-lbl: ranks summed the counts of different micro-batches for {self.name}: this rank "
                        f"sent step {step} (mod {_TAG_STEPS}), micro-batch {micro_batch}, the others on average "
@@ -548,8 +550,8 @@ class LoadBalancer:
             raise RuntimeError(f"moe-lbl: {self.name} back-propagated a micro-batch of step {micro_batch.step} "
                                f"after step {self._step_number - 1} closed: back-propagate each micro-batch before "
                                "its step ends")
-        sequence = self._sum(micro_batch, micro_batch.sequence, late)
-        batch = self._sum(micro_batch, micro_batch.batch, late)
+        sequence = self._sum(micro_batch, micro_batch.sequence, 0, late)
+        batch = self._sum(micro_batch, micro_batch.batch, 1, late)
         if not late:
             load = micro_batch.load if sequence is None else sequence[E:2 * E]
             total = load.sum()
@@ -592,13 +594,16 @@ class LoadBalancer:
         step's back-propagated micro-batches (paper's Alg. 1), in place."""
         return self.state.pooled.add_(totals)
 
-    def _sum(self, micro_batch: _MicroBatch, pending: Optional[_PendingSum], late: bool) -> Optional[torch.Tensor]:
-        """A count sum without its tag, the tag recorded for the step's check."""
+    def _sum(self, micro_batch: _MicroBatch, pending: Optional[_PendingSum], which: int,
+             late: bool) -> Optional[torch.Tensor]:
+        """A count sum without its tag, the tag recorded for the step's check (`which`: 0 for the
+        sequence group's sum, 1 for the batch group's)."""
         if pending is None:
             return None
         value = pending.get()
         if not late:  # [n, sum code, sum code^2] and this rank's code
-            self.state.received.index_copy_(0, micro_batch.slot, torch.cat([value[-3:], pending.local[-2:-1]])[None])
+            row = torch.cat([value[-3:], pending.local[-2:-1]])[None]
+            self.state.received[which].index_copy_(0, micro_batch.slot, row)
         return value[:-3]
 
 

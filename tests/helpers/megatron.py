@@ -1,35 +1,6 @@
-"""Test helpers on a real Megatron-Core: a bare TopKRouter and the aux-loss tracker."""
+"""Test helpers on a real Megatron-Core: the aux-loss tracker."""
 
 from __future__ import annotations
-
-import inspect
-
-
-def build_router(num_experts: int = 8, topk: int = 2, is_mtp_layer: bool = False, **overrides):
-    """A training-mode TopKRouter (layer 1 of 1; an MTP layer's router with is_mtp_layer, 0.17+)
-    on Megatron's default process groups."""
-    from megatron.core.transformer.moe.router import TopKRouter
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    kwargs = dict(num_layers=1, hidden_size=16, num_attention_heads=1, num_moe_experts=num_experts,
-                  moe_router_topk=topk, moe_router_load_balancing_type="aux_loss",
-                  moe_aux_loss_coeff=1e-2, use_cpu_initialization=True, add_bias_linear=False)
-    kwargs.update(overrides)
-    config = TransformerConfig(**kwargs)
-    parameters = inspect.signature(TopKRouter.__init__).parameters
-    if "pg_collection" in parameters:  # 0.15+
-        from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
-        mtp = {"is_mtp_layer": True} if is_mtp_layer else {}
-        router = TopKRouter(config, pg_collection=get_default_pg_collection(), **mtp)
-    elif "model_comm_pgs" in parameters:  # 0.13, 0.14
-        from megatron.core.process_groups_config import ModelCommProcessGroups
-
-        router = TopKRouter(config, model_comm_pgs=ModelCommProcessGroups.use_mpu_process_groups())
-    else:
-        router = TopKRouter(config)
-    router.set_layer_number(1)
-    return router.train()
 
 
 def _legacy_tracker() -> dict:

@@ -64,11 +64,12 @@ def run_scope(rank, options, mode, kernels) -> list:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     import moe_lbl
+    from moe_lbl.demo.tiny_gpt import build_router
     from moe_lbl.metrics import layer_balance
     from moe_lbl.patches.megatron.configuration import tracker_names
     from moe_lbl.patches.megatron.layer import balancer_of
     from tests.helpers.graphs import SyncGuard, capture
-    from tests.helpers.megatron import aux_loss_tracker, build_router, take_tracker
+    from tests.helpers.megatron import aux_loss_tracker, take_tracker
 
     moe_lbl.patch_megatron(kernels=kernels, **options)
     router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import moe_lbl
+from moe_lbl.demo.tiny_gpt import build_router
 from moe_lbl.patches.megatron import live, routing
 from moe_lbl.patches.megatron.layer import balancer_of, layer_of
-from tests.helpers.megatron import build_router
 
 ROUTER = dict(num_experts=8, topk=2, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=1e-3)
 

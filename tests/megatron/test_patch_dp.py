@@ -63,10 +63,11 @@ def rank_worker(rank, world_size):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     import moe_lbl
+    from moe_lbl.demo.tiny_gpt import build_router
     from moe_lbl.patches.megatron import features
     from moe_lbl.patches.megatron.configuration import tracker_names
     from moe_lbl.patches.megatron.layer import balancer_of
-    from tests.helpers.megatron import build_router, take_tracker
+    from tests.helpers.megatron import take_tracker
 
     found = features()
     result = RankResult(found)
@@ -109,9 +110,9 @@ def two_steps(rank, found) -> list:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     import moe_lbl
+    from moe_lbl.demo.tiny_gpt import build_router
     from moe_lbl.metrics import layer_balance
     from moe_lbl.patches.megatron.layer import balancer_of
-    from tests.helpers.megatron import build_router
 
     moe_lbl.patch_megatron(scope="global")
     router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF)
@@ -213,33 +214,51 @@ def test_balance_metrics_agree_across_ranks_with_a_direct_computation(ranks):
             assert balance.micro_max_vio == pytest.approx(micro, rel=1e-12)
 
 
-def per_token_worker(rank, world_size):
-    """Megatron's micro aux loss and the patch's, per-token loss, on a tensor-parallel pair."""
+def tensor_parallel_worker(rank, world_size):
+    """Megatron's micro aux loss and the patch's on a tensor-parallel pair: (logits gradient,
+    logged value), unpatched then patched, per case."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     import moe_lbl
-    from tests.helpers.megatron import build_router
+    from moe_lbl.demo.tiny_gpt import build_router
+    from tests.helpers.megatron import take_tracker
 
     # Tensor-parallel ranks split a sequence evenly (Megatron counts their tokens as equal).
     logits = torch.randn(12, 2, NUM_EXPERTS, generator=torch.Generator().manual_seed(rank))
-    grads = []
-    for patched in (False, True):
-        if patched:
-            moe_lbl.patch_megatron(scope="micro")
-        router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF, calculate_per_token_loss=True)
-        x = logits.clone().requires_grad_()
-        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / NUM_MICRO_BATCHES)
-        probs, _ = router.routing(x)
-        (probs * 0).sum().backward()
-        grads.append(x.grad)
-    moe_lbl.unpatch_megatron()
-    return grads
+    results = {}
+    for case, (per_token, dtype) in {"per-token": (True, torch.float32), "fp64": (False, torch.float64)}.items():
+        for patched in (False, True):
+            if patched:
+                moe_lbl.patch_megatron(scope="micro")
+            router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF, calculate_per_token_loss=per_token)
+            x = logits.clone().to(dtype).requires_grad_()
+            MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / NUM_MICRO_BATCHES)
+            probs, _ = router.routing(x)
+            (probs * 0).sum().backward()
+            results[case, patched] = (x.grad, take_tracker()["load_balancing_loss"])
+            moe_lbl.unpatch_megatron()
+    return results
 
 
-def test_per_token_loss_scale_matches_megatron_under_tensor_parallelism():
+@pytest.fixture(scope="module")
+def tensor_parallel():
+    return spawn(tensor_parallel_worker, 2, tensor_parallel=2)
+
+
+def test_per_token_loss_scale_matches_megatron_under_tensor_parallelism(tensor_parallel):
     """Under calculate_per_token_loss Megatron scales the aux loss by the local tokens, from 0.19 on
     times the tensor x context group size: the patch's gradient must follow (else it is 1/TP of
     Megatron's on 0.19, or TP times it before)."""
-    for rank, (megatron, patched) in enumerate(spawn(per_token_worker, 2, tensor_parallel=2)):
+    for rank, results in enumerate(tensor_parallel):
+        megatron, patched = results["per-token", False][0], results["per-token", True][0]
         assert megatron.abs().max() > 0, rank
         torch.testing.assert_close(patched, megatron, rtol=1e-5, atol=1e-6 * float(megatron.abs().max()))
+
+
+def test_micro_scope_logs_megatrons_value_to_the_bit_under_tensor_parallelism(tensor_parallel):
+    """What Megatron's own router tests assert with == (test_aux_loss.py, tensor parallel,
+    fp64 routing): the logged aux loss and its gradient, to the bit."""
+    for results in tensor_parallel:
+        (want_grad, want_value), (got_grad, got_value) = results["fp64", False], results["fp64", True]
+        assert got_grad.dtype == torch.float64 and torch.equal(got_grad, want_grad)
+        assert float(want_value[0]) > 0 and torch.equal(got_value, want_value)

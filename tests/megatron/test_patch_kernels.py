@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import moe_lbl
-from moe_lbl.demo.tiny_gpt import TinyGPT, build_gpt, forward_loss, synthetic_batches
+from moe_lbl.demo.tiny_gpt import TinyGPT, build_gpt, build_router, forward_loss, synthetic_batches
 from moe_lbl.patches.megatron.layer import balancer_of
-from tests.helpers.megatron import build_router, take_tracker
+from tests.helpers.megatron import take_tracker
 
 ROUTERS = {
     "softmax-top2-global-z": dict(num_experts=8, topk=2, moe_z_loss_coeff=1e-3),

@@ -6,10 +6,17 @@ import pytest
 import torch
 
 import moe_lbl
-from moe_lbl.demo.tiny_gpt import TinyGPT, build_gpt, forward_loss, synthetic_batches, train_step, wrap_ddp
+from moe_lbl.demo.tiny_gpt import (
+    TinyGPT,
+    build_gpt,
+    build_router,
+    forward_loss,
+    synthetic_batches,
+    train_step,
+    wrap_ddp,
+)
 from moe_lbl.patches import megatron as patch_module
 from moe_lbl.patches.megatron import compatibility
-from tests.helpers.megatron import build_router
 
 
 def one_micro_batch(spec, seed=0):
