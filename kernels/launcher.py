@@ -13,10 +13,12 @@ from typing import Iterator
 
 from moe_lbl.kernels import triton_compat
 
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton reads it when the kernels are defined
+
 
 def interpreting() -> bool:
     """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at definition)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 @dataclass(frozen=True)

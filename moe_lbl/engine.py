@@ -72,6 +72,51 @@ class Term(NamedTuple):
     coeff: float
 
 
+def _no_scale() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class GradScale:
+    """How a micro-batch's loss gradient is scaled, read when backward runs (a training loop's
+    loss scale changes between steps): source() (a tensor; None for 1), times tokens_factor and
+    then the valid tokens when tokens_factor is set (a loss summed over tokens, not averaged),
+    over divisor. Megatron's aux-loss scale, in the order its autograd forms it."""
+
+    source: Callable[[], Optional[torch.Tensor]] = _no_scale
+    tokens_factor: Optional[int] = None
+    divisor: int = 1
+
+    def value(self, valid_tokens: Union[int, torch.Tensor], dtype: torch.dtype, divide: bool = True):
+        scale = self.source()
+        scale = 1.0 if scale is None else scale.to(dtype)  # as ones_like(loss) * scale
+        if self.tokens_factor is not None:
+            if self.tokens_factor != 1:
+                scale = scale * self.tokens_factor
+            scale = scale * valid_tokens
+        return scale / self.divisor if divide and self.divisor != 1 else scale
+
+
+@dataclass(frozen=True)
+class Report:
+    """Where each term's value goes when backward has it: targets[scope] (a one-element tensor)
+    gains the term's loss over divisor, over its coefficient (what Megatron logs)."""
+
+    targets: dict
+    divisor: int = 1
+
+
+@dataclass(frozen=True)
+class ZLoss:
+    """A router z-loss carried by the same micro-batch (the fused path): coeff * z_sum / valid
+    tokens, its gradient to z_sum scaled as the balancing loss's but for the divisor; its value
+    z_sum / valid / divisor added to target."""
+
+    z_sum: torch.Tensor
+    coeff: float
+    target: Optional[torch.Tensor] = None
+
+
 def _check_coeff(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -338,15 +383,16 @@ class _MicroBatch:
     counts: torch.Tensor  # [E], this rank's
     valid_tokens: Union[int, torch.Tensor]  # this rank's (an int where the caller knows it without padding)
     score_sum: Optional[torch.Tensor]  # [E]: the balancing scores summed over this rank's tokens (None: no loss)
-    grad_scale: Callable[[], Union[torch.Tensor, float]]
-    report: Optional[Callable[[str, torch.Tensor, float], None]]
+    grad_scale: GradScale
+    report: Optional[Report]
+    z: Optional[ZLoss]
     in_forward: bool  # registered in forward (not by a recomputation in backward)
     step: int  # the balancer's step number (eager bookkeeping, for a graph back-propagated late)
     load: Optional[torch.Tensor] = None  # [E] int64: dispatched tokens, this rank's (set at launch)
     slot: Optional[torch.Tensor] = None  # [1]: its tag slot in the step
     sequence: Optional[_PendingSum] = None  # [counts, load, tag] summed over the sequence group
     batch: Optional[_PendingSum] = None  # [counts, tokens, tag] summed over the batch group
-    gradient: Optional[tuple] = None  # the first backward's (a retained graph may be back-propagated again)
+    gradients: Optional[tuple] = None  # the first backward's (a retained graph may be back-propagated again)
 
 
 class LoadBalancer:
@@ -390,20 +436,19 @@ class LoadBalancer:
         return bool(self.config.terms())
 
     def attach(self, probs: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor,
-               valid_tokens: Union[int, torch.Tensor],
-               grad_scale: Callable[[], Union[torch.Tensor, float]],
-               report: Optional[Callable[[str, torch.Tensor, float], None]] = None,
-               load: Optional[torch.Tensor] = None) -> torch.Tensor:
+               valid_tokens: Union[int, torch.Tensor], grad_scale: GradScale = GradScale(),
+               report: Optional[Report] = None, load: Optional[torch.Tensor] = None,
+               z: Optional[ZLoss] = None) -> torch.Tensor:
         """Register one micro-batch and return `probs` carrying the loss gradient to `scores`.
 
         scores: the balancing scores of the valid tokens, [T, N_E] (rows of padding tokens zero),
         or their sum over the tokens, [N_E] (what the fused router kernels return): the loss is
         linear in them, with the same gradient for every token. counts: [N_E] tokens per expert
         under the top-k of those scores (padding excluded); valid_tokens: this rank's non-padding
-        tokens (an int where there is no padding). grad_scale() is read in backward (Megatron's
-        aux-loss scale); report(scope, loss, coeff) receives each term's loss once the counts have
-        arrived. load: this micro-batch's dispatched tokens per expert, for the metrics; without
-        it here, record_load gives it before the forward ends.
+        tokens (an int where there is no padding). report: where each term's value goes once the
+        counts have arrived. load: this micro-batch's dispatched tokens per expert, for the
+        metrics; without it here, record_load gives it before the forward ends. z: a z-loss whose
+        gradient reaches z.z_sum in the same backward.
         """
         if scores.shape[-1:] != (self.num_experts,) or scores.dim() not in (1, 2):
             raise ValueError(f"scores must be [tokens, {self.num_experts}] or [{self.num_experts}], "
@@ -412,12 +457,12 @@ class LoadBalancer:
             raise ValueError(f"counts must have shape ({self.num_experts},), got {tuple(counts.shape)}")
         self._launch_open()
         score_sum = scores.detach().sum(dim=0) if scores.dim() == 2 else scores.detach()
-        micro_batch = self._register(counts, valid_tokens, score_sum, grad_scale, report)
+        micro_batch = self._register(counts, valid_tokens, score_sum, grad_scale, report, z)
         if load is None:
             self._open = micro_batch
         else:
             self._launch(micro_batch, load)
-        return _AttachLoss.apply(probs, scores, self, micro_batch)
+        return _AttachLoss.apply(probs, scores, None if z is None else z.z_sum, self, micro_batch)
 
     def record_load(self, probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
         """Give this forward's dispatched tokens per expert (for the metrics) and return `probs`.
@@ -430,11 +475,11 @@ class LoadBalancer:
         if micro_batch is not None:
             self._launch(micro_batch, load)
             return probs
-        micro_batch = self._register(load, 0, None, lambda: 1.0, None)
+        micro_batch = self._register(load, 0, None, GradScale(), None, None)
         self._launch(micro_batch, load)
-        return _AttachLoss.apply(probs, None, self, micro_batch)
+        return _AttachLoss.apply(probs, None, None, self, micro_batch)
 
-    def _register(self, counts, valid_tokens, score_sum, grad_scale, report) -> _MicroBatch:
+    def _register(self, counts, valid_tokens, score_sum, grad_scale, report, z) -> _MicroBatch:
         in_forward = not _in_backward()
         if in_forward:
             if self._registrations >= MAX_STEP_MICRO_BATCHES:
@@ -444,7 +489,7 @@ class LoadBalancer:
                            "moe_lbl.end_step(model) after each optimizer step")
                 self.end_step()
             self._registrations += 1
-        return _MicroBatch(self.config, counts, valid_tokens, score_sum, grad_scale, report, in_forward,
+        return _MicroBatch(self.config, counts, valid_tokens, score_sum, grad_scale, report, z, in_forward,
                            self._step_number)
 
     def _launch_open(self) -> None:
@@ -538,10 +583,10 @@ class LoadBalancer:
         """Global counts and tokens of this step's micro-batches back-propagated so far."""
         return self.state.pooled
 
-    def _backward(self, micro_batch: _MicroBatch, loss_dtype: torch.dtype) -> list:
+    def _backward(self, micro_batch: _MicroBatch, loss_dtype: torch.dtype):
         """The micro-batch's share of the step, once back-propagated: its loads join the step's
-        and its counts the buffer. Returns [(weight, vector)] of its terms: d loss / d score is
-        sum(scale * weight * vector), as Megatron's autograd forms it."""
+        and its counts the buffer; its values go to its report. Returns (d loss / d score [E],
+        d loss / d z_sum), None where it has neither."""
         state, E = self.state, self.num_experts
         if micro_batch.load is None:  # attached without a load, and never given one
             self._launch(micro_batch, micro_batch.counts)
@@ -560,17 +605,27 @@ class LoadBalancer:
             state.loads.add_(micro_batch.load)
             state.backward_counters.add_(state.forward_increment if micro_batch.in_forward
                                          else state.recompute_increment)
+        valid, report = micro_batch.valid_tokens, micro_batch.report
+        z_gradient = None
+        if micro_batch.z is not None:  # coeff * z_sum / valid, scaled as the balancing loss but for the divisor
+            z = micro_batch.z
+            divisor = valid.clamp(min=1) if isinstance(valid, torch.Tensor) else max(valid, 1)
+            z_gradient = micro_batch.grad_scale.value(valid, torch.float32, divide=False) * z.coeff / divisor
+            if not isinstance(z_gradient, torch.Tensor):
+                z_gradient = torch.full((), z_gradient, device=z.z_sum.device)
+            if z.target is not None:
+                value = z.z_sum.detach() / divisor
+                z.target.add_(value / report.divisor if report is not None and report.divisor != 1 else value)
         if micro_batch.score_sum is None:
-            return []
+            return None, z_gradient
         counts = micro_batch.counts if sequence is None else sequence[:E]
-        valid = micro_batch.valid_tokens
         # T of the sequence group, as Megatron counts it: an int where the split is even (or the
         # group one rank), else from the summed counts, which hold k per valid token.
         if isinstance(valid, int) and (self.even_split or self._sequence_size == 1):
             tokens = valid * self._sequence_size
         else:
             tokens = counts.sum() / self.topk
-        terms = []
+        scale, gradient = micro_batch.grad_scale.value(valid, loss_dtype), None
         for term in micro_batch.config.terms():
             if term.scope == "micro":
                 # Megatron's switch_load_balancing_loss_func, in its order: its value to the bit.
@@ -584,10 +639,12 @@ class LoadBalancer:
                 vector = totals[:E].double() / (self.topk * totals[E].clamp(min=1))  # f, exact to fp64
                 weight = term.coeff * E / (tokens.clamp(min=1) if isinstance(tokens, torch.Tensor) else max(tokens, 1))
                 loss = (torch.sum(vector * micro_batch.score_sum.double()) * weight).to(loss_dtype)
-            if micro_batch.report is not None:
-                micro_batch.report(term.scope, loss, term.coeff)
-            terms.append((weight, vector))
-        return terms
+            if report is not None and term.scope in report.targets:
+                value = loss / report.divisor if report.divisor != 1 else loss
+                report.targets[term.scope].add_(value / term.coeff)
+            term_gradient = (scale * weight) * vector  # Megatron's autograd: (scale * weight) * counts
+            gradient = term_gradient if gradient is None else gradient + term_gradient
+        return gradient, z_gradient
 
     def _pool(self, totals: torch.Tensor) -> torch.Tensor:
         """The buffer with this micro-batch's global counts and tokens added: the prefix of the
@@ -615,29 +672,25 @@ def _tokens_tensor(valid_tokens: Union[int, torch.Tensor], device) -> torch.Tens
 
 
 class _AttachLoss(torch.autograd.Function):
-    """Identity on probs; in backward, the micro-batch's gradient to the scores (or their sums)."""
+    """Identity on probs; in backward, the micro-batch's gradients to the scores (or their sums)
+    and to a z-loss's z_sum."""
 
     @staticmethod
-    def forward(ctx, probs, scores, balancer: LoadBalancer, micro_batch: _MicroBatch):
+    def forward(ctx, probs, scores, z_sum, balancer: LoadBalancer, micro_batch: _MicroBatch):
         ctx.balancer, ctx.micro_batch = balancer, micro_batch
-        if scores is not None:
-            ctx.scores_shape, ctx.scores_dtype = scores.shape, scores.dtype
+        ctx.scores_dtype = scores.dtype if scores is not None else torch.float32
+        ctx.scores_shape = scores.shape if scores is not None else None
         return probs
 
     @staticmethod
     def backward(ctx, grad_probs):
         micro_batch = ctx.micro_batch
-        if micro_batch.gradient is None:
-            loss_dtype = _loss_dtype(getattr(ctx, "scores_dtype", torch.float32))
-            micro_batch.gradient = ctx.balancer._backward(micro_batch, loss_dtype)
-            micro_batch.report = None  # a retained graph back-propagated again adds nothing
-        if not micro_batch.gradient or not ctx.needs_input_grad[1]:
-            return grad_probs, None, None, None
-        scale = micro_batch.grad_scale()
-        if isinstance(scale, torch.Tensor):
-            scale = scale.to(_loss_dtype(ctx.scores_dtype))  # as Megatron's ones_like(aux_loss) * scale
-        gradient = None
-        for weight, vector in micro_batch.gradient:
-            term = (scale * weight) * vector
-            gradient = term if gradient is None else gradient + term
-        return grad_probs, gradient.to(ctx.scores_dtype).expand(ctx.scores_shape), None, None
+        if micro_batch.gradients is None:  # once, though a retained graph be back-propagated again
+            micro_batch.gradients = ctx.balancer._backward(micro_batch, _loss_dtype(ctx.scores_dtype))
+        gradient, z_gradient = micro_batch.gradients
+        if gradient is not None and ctx.needs_input_grad[1]:
+            gradient = gradient.to(ctx.scores_dtype).expand(ctx.scores_shape)
+        else:
+            gradient = None
+        z_gradient = z_gradient if ctx.needs_input_grad[2] else None
+        return grad_probs, gradient, z_gradient, None, None

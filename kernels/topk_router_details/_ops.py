@@ -1,20 +1,21 @@
 """The fused router's two passes as PyTorch operators: moe_lbl::topk_router_forward and
 moe_lbl::topk_router_backward.
 
-Registered with torch.library, each is one node to what traces dispatched operations (make_fx,
+Defined with torch.library, each is one node to what traces dispatched operations (make_fx,
 a TorchDispatchMode, torch.compile, which calls them as they are), and its Triton launches are
 all it runs on the device: buffers are allocated here, every value is written by a kernel. A
 CUDA graph that captures a call replays those launches. On meta or fake tensors an operator
 allocates its outputs and launches nothing, except while moe_lbl.kernels.launcher.capture()
-records launches for compiling ahead of time.
+records launches for compiling ahead of time. (torch.library.custom_op would wrap each call in
+about 30 us more of Python; a plain definition costs about 2.)
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from moe_lbl.kernels import launcher
 from moe_lbl.kernels.launcher import interpreting
@@ -40,16 +41,17 @@ class _Tiles:
     num_warps: int
 
     @staticmethod
+    @functools.lru_cache(maxsize=None)
     def of(spec: RoutingSpec, launch: Launch) -> "_Tiles":
         groups = spec.num_groups if spec.grouped else 1
         group_size = spec.num_experts // groups
-        block_g, block_gs = triton.next_power_of_2(groups), triton.next_power_of_2(group_size)
+        block_g, block_gs = _power_of_2(groups), _power_of_2(group_size)
         width = block_g * block_gs
         # About 8 elements of a [BLOCK_T, E] tile per thread keeps registers low enough for
         # several CTAs per SM with nothing spilled.
         num_warps = launch.num_warps or (4 if width <= 1024 else 8)
-        block_t = triton.next_power_of_2(launch.block_t or max(1, 32 * num_warps * 8 // width))
-        return _Tiles(groups, group_size, block_t, block_g, block_gs, triton.next_power_of_2(spec.topk), num_warps)
+        block_t = _power_of_2(launch.block_t or max(1, 32 * num_warps * 8 // width))
+        return _Tiles(groups, group_size, block_t, block_g, block_gs, _power_of_2(spec.topk), num_warps)
 
     def constexprs(self) -> dict:
         return dict(G=self.groups, GS=self.group_size, BLOCK_T=self.block_t, BLOCK_G=self.block_g,
@@ -57,16 +59,27 @@ class _Tiles:
                     INTERPRETED=interpreting())  # its casts truncate and it has no libdevice
 
 
+def _power_of_2(n: int) -> int:
+    """The least power of 2 >= n (triton.next_power_of_2, without its per-call cost)."""
+    return 1 << (n - 1).bit_length()
+
+
+def _blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Every output buffer comes from here (tests poison it to prove each element is written)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=None)
 def _spec(num_experts, topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor) -> RoutingSpec:
     return RoutingSpec(num_experts, topk, score_function, use_pre_softmax, num_groups or None, group_topk or None,
                        scaling_factor or None)
 
 
+@functools.lru_cache(maxsize=None)
 def _launch(block_t, num_programs, num_warps) -> Launch:
     return Launch(block_t or None, num_programs or None, num_warps or None)
 
@@ -115,7 +128,7 @@ def _forward(logits, expert_bias, padding_mask, topk, score_function, use_pre_so
         SELECT_BITS=32 if use_bias else _VALUE_BITS[logits.dtype],  # bias promotes scores to fp32
         WRITE_DENSE=dense, WRITE_SPARSE=sparse, COMPUTE_STATS=compute_stats, SEPARATE_AUX_TOPK=separate_aux,
         **tiles.constexprs())
-    blocks = triton.cdiv(num_tokens, tiles.block_t)
+    blocks = _blocks(num_tokens, tiles.block_t)
     programs = launcher.programs(router_forward, blocks, launch.num_programs, device, args, constexprs) if launches \
         else max(1, blocks)
     launch_args = args(programs if num_tokens else 0)  # no tokens: no forward program, nothing to sum
@@ -127,8 +140,8 @@ def _forward(logits, expert_bias, padding_mask, topk, score_function, use_pre_so
         score_sums = _empty((num_experts,), torch.float32, device)
         valid_tokens, z_sum = _empty((), torch.int64, device), _empty((), torch.float32, device)
         if launches:
-            block_e = min(_STATISTICS_BLOCK_E, triton.next_power_of_2(num_experts))
-            launcher.launch(router_statistics, triton.cdiv(num_experts, block_e), *partials,
+            block_e = min(_STATISTICS_BLOCK_E, _power_of_2(num_experts))
+            launcher.launch(router_statistics, _blocks(num_experts, block_e), *partials,
                             partials[0].shape[0], counts, score_sums, z_sum, valid_tokens, E=num_experts,
                             SEPARATE_AUX_TOPK=separate_aux, BLOCK_P=8, BLOCK_E=block_e,
                             num_warps=4 if block_e <= 256 else 8)
@@ -163,28 +176,30 @@ def _backward(logits, routing_map, topk_indices, padding_mask, grad_probs, grad_
         HAS_SCALING=bool(spec.scaling_factor), HAS_GRAD_PROBS=grad_probs is not None,
         HAS_GRAD_TOPK_PROBS=grad_topk_probs is not None, HAS_LBL=grad_score_sums is not None,
         HAS_Z=grad_z_sum is not None, **tiles.constexprs())
-    programs = launcher.programs(router_backward, triton.cdiv(num_tokens, tiles.block_t), launch.num_programs,
+    programs = launcher.programs(router_backward, _blocks(num_tokens, tiles.block_t), launch.num_programs,
                                  logits.device, lambda _: launch_args, constexprs)
     launcher.launch(router_backward, programs, *launch_args, **constexprs)
     return grad_logits
 
 
-def _fake(implementation):
-    """The operator on meta and fake tensors: its outputs, allocated; its launches only recorded,
-    while launcher.capture() records them (for compiling ahead of time)."""
-    return lambda *args: implementation(*args, launches=launcher.capturing())
+_LIBRARY = torch.library.Library("moe_lbl", "DEF")
 
 
-torch.library.custom_op(
-    "moe_lbl::topk_router_forward", _forward, mutates_args=(),
-    schema=f"(Tensor logits, Tensor? expert_bias, Tensor? padding_mask, {_ROUTING}, bool compute_stats, "
-           "bool dense, bool sparse) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)"
-).register_fake(_fake(_forward))
-torch.library.custom_op(
-    "moe_lbl::topk_router_backward", _backward, mutates_args=(),
-    schema=f"(Tensor logits, Tensor? routing_map, Tensor? topk_indices, Tensor? padding_mask, Tensor? grad_probs, "
-           f"Tensor? grad_topk_probs, Tensor? grad_score_sums, Tensor? grad_z_sum, {_ROUTING}) -> Tensor"
-).register_fake(_fake(_backward))
+def _define(name: str, schema: str, implementation) -> None:
+    """An operator whose implementation launches; on meta and fake tensors it only allocates,
+    and records its launches while launcher.capture() records them (compiling ahead of time)."""
+    _LIBRARY.define(name + schema)
+    _LIBRARY.impl(name, implementation, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"moe_lbl::{name}", lambda *args: implementation(*args, launches=launcher.capturing()),
+                                lib=_LIBRARY)
+
+
+_define("topk_router_forward",
+        f"(Tensor logits, Tensor? expert_bias, Tensor? padding_mask, {_ROUTING}, bool compute_stats, bool dense, "
+        "bool sparse) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)", _forward)
+_define("topk_router_backward",
+        f"(Tensor logits, Tensor? routing_map, Tensor? topk_indices, Tensor? padding_mask, Tensor? grad_probs, "
+        f"Tensor? grad_topk_probs, Tensor? grad_score_sums, Tensor? grad_z_sum, {_ROUTING}) -> Tensor", _backward)
 
 
 def routing_args(spec: RoutingSpec, launch: Launch) -> tuple:

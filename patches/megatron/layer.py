@@ -8,11 +8,12 @@ patched as unpatched); the aux-loss replacements that the forward calls use it a
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional, Union
 
 import torch
 
-from moe_lbl.engine import LoadBalancer
+from moe_lbl.engine import GradScale, LoadBalancer, Report, ZLoss
 from moe_lbl.patches.megatron import live
 from moe_lbl.patches.megatron.compatibility import LOGGING_MODULE
 from moe_lbl.patches.megatron.configuration import resolve_balance_config, tracker_names
@@ -48,13 +49,18 @@ class Layer:
         self.options = patch.options
         self.sequence_group = _sequence_group(router)
         self.batch_group = _batch_group(router)
-        self.per_token_loss = bool(router.calculate_per_token_loss)
         self.num_layers = config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
         # MTP routers (0.17+) log after the decoder layers and, when one MTP layer runs
         # mtp_num_layers times per forward, weigh their aux loss and logged z-loss by 1/that.
         mtp = getattr(router, "is_mtp_layer", False)
         self.log_layer = router.layer_number + config.num_layers if mtp else router.layer_number
         self.repeats = (config.mtp_num_layers or 1) if mtp and getattr(config, "mtp_use_repeated_layer", False) else 1
+        # Megatron's aux-loss gradient scale: the main loss's; under per-token loss times the valid
+        # tokens, from 0.19 on times the tensor x context group size too; over the MTP repeats.
+        tokens_factor = None
+        if router.calculate_per_token_loss:
+            tokens_factor = self.sequence_group.size() if patch.features.tp_cp_token_scale else 1
+        self.grad_scale = GradScale(_main_loss_scale, tokens_factor, self.repeats)
         balance_config = resolve_balance_config(config, patch.options)
         self.names = tracker_names(config, balance_config)
         self.balancer = LoadBalancer(balance_config, num_experts=config.num_moe_experts, topk=router.topk,
@@ -73,54 +79,56 @@ class Layer:
         self.names = tracker_names(router.config, balance_config)
         return self
 
-    def per_token_scale(self, loss, valid_tokens: Union[int, torch.Tensor]):
-        """`loss` as Megatron scales aux and z-losses under per-token loss: times the local valid
-        tokens, from 0.19 on times the tensor x context group size too (in Megatron's order)."""
-        if not self.per_token_loss:
-            return loss
-        loss = loss * valid_tokens
-        return loss * self.sequence_group.size() if self.features.tp_cp_token_scale else loss
-
-    def loss_scale(self, valid_tokens: Union[int, torch.Tensor]):
-        """Megatron's aux-loss gradient scale, read at backward time as MoEAuxLossAutoScaler
-        does, and formed in the order of its autograd (the per-token factors, then the MTP
-        repeats)."""
-        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
-        scale = 1.0 if scale is None else scale
-        if self.per_token_loss:
-            if self.features.tp_cp_token_scale:
-                scale = scale * self.sequence_group.size()
-            scale = scale * valid_tokens
-        return scale / self.repeats if self.repeats != 1 else scale
-
     def attach(self, probs: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor,
-               valid_tokens: Union[int, torch.Tensor], load: Optional[torch.Tensor] = None) -> torch.Tensor:
+               valid_tokens: Union[int, torch.Tensor], load: Optional[torch.Tensor] = None,
+               z_sum: Optional[torch.Tensor] = None, z_coeff: Optional[float] = None) -> torch.Tensor:
         """The engine's loss on one micro-batch, its gradient attached to the balancing scores (or
-        their sums), its values logged under Megatron's names when backward has them."""
-        names = self.names  # this micro-batch's, whatever a later forward resolves
+        their sums), its values logged under Megatron's names when backward has them; with z_sum,
+        Megatron's z-loss (coeff * mean lse^2) on the same micro-batch."""
+        terms = self.balancer.config.terms()
+        report = Report({t.scope: self.target(self.names[t.scope], reduce_group=self.sequence_group) for t in terms},
+                        divisor=self.repeats)
+        z = None
+        if z_sum is not None:
+            groups = {"avg_group": self.batch_group} if self.features.tp_cp_token_scale else {}
+            z = ZLoss(z_sum, z_coeff, self.target("z_loss", **groups))
+        return self.balancer.attach(probs, scores, counts, valid_tokens, self.grad_scale, report, load=load, z=z)
 
-        def report(scope, loss, coeff):  # what Megatron logs: the loss over its coefficient
-            if self.repeats != 1:
-                loss = loss / self.repeats
-            self.track(names[scope], loss / coeff, reduce_group=self.sequence_group)
-
-        return self.balancer.attach(probs, scores, counts, valid_tokens, lambda: self.loss_scale(valid_tokens),
-                                    report, load=load)
-
-    def track(self, name: str, value: torch.Tensor, **groups) -> None:
-        """Record a per-layer value in Megatron's tracker: moe_logging's metrics tracker (0.18+,
-        where save_to_aux_losses_tracker is a deprecated wrapper of it), else the aux-loss tracker."""
+    def target(self, name: str, **groups) -> torch.Tensor:
+        """This layer's entry of `name` in Megatron's tracker (a one-element view its values are
+        added to), made as Megatron's record makes it where it is missing: moe_logging's metrics
+        tracker (0.18+, where save_to_aux_losses_tracker is a deprecated wrapper of it), else the
+        aux-loss tracker."""
+        zero = torch.zeros((), device=self.balancer.state.ints.device)
         if self.features.metrics_tracker:
-            import importlib
-
-            importlib.import_module(LOGGING_MODULE).get_moe_metrics_tracker().record(
-                name, value, self.log_layer, self.num_layers, **groups)
+            tracker = importlib.import_module(LOGGING_MODULE).get_moe_metrics_tracker()
+            if name not in tracker.metrics:
+                tracker.record(name, zero, self.log_layer, self.num_layers, **groups)
+            values = tracker.metrics[name].values
         else:
-            from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+            from megatron.core.transformer.moe import moe_utils
 
-            save_to_aux_losses_tracker(name, value, self.log_layer, self.num_layers, **groups)
+            tracker = _aux_losses_tracker()
+            if name not in tracker:
+                moe_utils.save_to_aux_losses_tracker(name, zero, self.log_layer, self.num_layers, **groups)
+            values = tracker[name]["values"]
+        return values[self.log_layer - 1:self.log_layer]
+
+
+def _main_loss_scale() -> Optional[torch.Tensor]:
+    """Megatron's aux-loss gradient scale as MoEAuxLossAutoScaler reads it in backward."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    return MoEAuxLossAutoScaler.main_loss_backward_scale
+
+
+def _aux_losses_tracker() -> dict:
+    """Megatron's aux-loss tracker before 0.18 (in parallel_state before 0.13)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe import moe_utils
+
+    getter = getattr(moe_utils, "get_moe_layer_wise_logging_tracker", None)
+    return (getter or parallel_state.get_moe_layer_wise_logging_tracker)()
 
 
 def find(router) -> Optional[Layer]:

@@ -162,19 +162,13 @@ def _load_failure(router, call: KernelCall) -> Optional[str]:
 
 def _fused_routing(router, layer: Layer, call: KernelCall):
     """TopKRouter.routing on the fused kernels: the same outputs, losses and logged values."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, apply_router_token_dropping
+    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
 
     from moe_lbl.kernels import fused_topk_router
 
     config = router.config
     out = fused_topk_router(call.logits, router.topk, **call.options)
     stats, probs = out.stats, out.probs.to(call.dtype)
-    if call.z_coeff is not None:
-        # Megatron's z-loss: coeff * mean over valid tokens of lse^2, attached as it attaches it.
-        z_value = stats.z_sum / stats.valid_tokens.clamp(min=1)
-        probs = MoEAuxLossAutoScaler.apply(probs, layer.per_token_scale(z_value * call.z_coeff, stats.valid_tokens))
-        groups = {"avg_group": layer.batch_group} if layer.features.tp_cp_token_scale else {}
-        layer.track("z_loss", z_value.detach() / layer.repeats, **groups)  # z_loss / coeff, as Megatron logs it
     routing_map = out.routing_map
     if config.moe_expert_capacity_factor is not None:
         probs, routing_map = apply_router_token_dropping(
@@ -185,10 +179,9 @@ def _fused_routing(router, layer: Layer, call: KernelCall):
             load = stats.dispatch_counts
         else:
             load = _dispatched(routing_map, call.padding_mask)
-        if "score_sums" in call.gradients:  # a balancing loss on this micro-batch
-            probs = layer.attach(probs, stats.score_sums, stats.aux_counts, stats.valid_tokens, load=load)
-        elif call.training:
-            probs = layer.balancer.record_load(probs, load)
+        if call.training:  # the balancing loss (where it has a term) and Megatron's z-loss
+            probs = layer.attach(probs, stats.score_sums, stats.aux_counts, stats.valid_tokens, load=load,
+                                 z_sum=None if call.z_coeff is None else stats.z_sum, z_coeff=call.z_coeff)
         if router.enable_expert_bias:
             # What TopKRouter._apply_expert_bias does, which in 0.16 fails with a padding mask
             # (it combines the [T, E] map with the [T] mask without broadcasting).

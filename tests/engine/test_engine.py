@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moe_lbl.engine import BalanceConfig, LoadBalancer
-from tests.helpers.reference import random_micro_batch, reference_losses, topk_mask, value_recorder
+from moe_lbl.engine import BalanceConfig, GradScale, LoadBalancer
+from tests.helpers.reference import ValueRecorder, random_micro_batch, reference_losses, topk_mask
 
 
 def run_engine(config, micro_batches, num_experts, topk, scale):
@@ -17,13 +17,13 @@ def run_engine(config, micro_batches, num_experts, topk, scale):
         scores = torch.softmax(logits, dim=-1) * valid.unsqueeze(1)
         mask = topk_mask(logits.detach(), topk, padding)
         probs = torch.zeros_like(logits, requires_grad=True)
-        values = {}
-        out = balancer.attach(probs, scores, mask.sum(0), int(valid.sum()), lambda: scale,
-                              value_recorder(values))
+        recorder = ValueRecorder(config)
+        out = balancer.attach(probs, scores, mask.sum(0), int(valid.sum()), GradScale(lambda: torch.tensor([scale])),
+                              recorder.report)
         out.sum().backward()
         assert torch.equal(probs.grad, torch.ones_like(probs))  # probs gradient passes through
         grads.append(logits.grad)
-        reports.append(values)
+        reports.append(recorder.values())
     return balancer, grads, reports
 
 
@@ -88,7 +88,7 @@ def test_balancer_rejects_bad_shapes():
         LoadBalancer(BalanceConfig(), num_experts=4, topk=5)
     balancer = LoadBalancer(BalanceConfig(), num_experts=4, topk=2)
     with pytest.raises(ValueError, match=r"scores must be \[tokens, 4\]"):
-        balancer.attach(torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(5, dtype=torch.long), 3, lambda: 1.0)
+        balancer.attach(torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(5, dtype=torch.long), 3)
 
 
 def test_a_handle_of_a_closed_step_keeps_its_own_counts():
@@ -96,11 +96,11 @@ def test_a_handle_of_a_closed_step_keeps_its_own_counts():
     balancer = LoadBalancer(BalanceConfig("global"), num_experts=4, topk=1)
     scores = [torch.softmax(torch.randn(5, 4), -1).requires_grad_() for _ in range(3)]
     counts = [torch.tensor([5, 0, 0, 0]), torch.tensor([0, 0, 5, 0]), torch.tensor([0, 5, 0, 0])]
-    outs = [balancer.attach(torch.zeros(5, 4, requires_grad=True), s, c, 5, lambda: 1.0)
+    outs = [balancer.attach(torch.zeros(5, 4, requires_grad=True), s, c, 5)
             for s, c in zip(scores[:2], counts[:2])]
     outs[0].sum().backward()
     balancer.end_step()
-    balancer.attach(torch.zeros(5, 4, requires_grad=True), scores[2], counts[2], 5, lambda: 1.0)
+    balancer.attach(torch.zeros(5, 4, requires_grad=True), scores[2], counts[2], 5)
     outs[1].sum().backward()  # f from micro-batches 0 and 1 of the closed step
     f = (counts[0] + counts[1]).double() / (1 * 10)  # k = 1, 10 tokens
     want = 0.01 * 4 / 5 * f  # d loss / d score = coeff * N_E / T * f for every token
@@ -109,7 +109,7 @@ def test_a_handle_of_a_closed_step_keeps_its_own_counts():
 
 def attach_one(balancer, counts, tokens=5, num_experts=4):
     scores = torch.softmax(torch.randn(tokens, num_experts), -1).requires_grad_()
-    out = balancer.attach(torch.zeros(tokens, num_experts, requires_grad=True), scores, counts, tokens, lambda: 1.0)
+    out = balancer.attach(torch.zeros(tokens, num_experts, requires_grad=True), scores, counts, tokens)
     return scores, out
 
 

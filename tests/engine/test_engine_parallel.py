@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from moe_lbl.demo.tiny_gpt import spawn
-from moe_lbl.engine import BalanceConfig, LoadBalancer
+from moe_lbl.engine import BalanceConfig, GradScale, LoadBalancer
 from tests.helpers.reference import (
     MicroBatchResult,
+    ValueRecorder,
     assert_matches_reference,
     random_micro_batch,
     reference_losses,
     topk_mask,
-    value_recorder,
 )
 
 pytestmark = pytest.mark.cpu_harness
@@ -47,13 +47,12 @@ def rank_worker(rank, world_size):
             logits, padding = micro_batch(rank, j)
             logits.requires_grad_()
             scores = torch.softmax(logits, dim=-1) * (~padding).unsqueeze(1)
-            values = {}
+            recorder = ValueRecorder(config)
             out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores,
                                   topk_mask(logits.detach(), TOPK, padding).sum(0), int((~padding).sum()),
-                                  lambda: 1.0 / NUM_MICRO_BATCHES,
-                                  value_recorder(values))
+                                  GradScale(lambda: torch.ones(1) / NUM_MICRO_BATCHES), recorder.report)
             out.sum().backward()
-            micro_batches.append(MicroBatchResult(logits.grad, values))
+            micro_batches.append(MicroBatchResult(logits.grad, recorder.values()))
         balancer.end_step()
         results[name] = micro_batches
     return results
@@ -98,15 +97,15 @@ def coalescing_worker(rank, world_size) -> Coalesced:
                 logits, padding = micro_batch(rank + 2 * layer, j)
                 logits.requires_grad_()
                 scores = torch.softmax(logits, dim=-1) * (~padding).unsqueeze(1)
-                values = {}
+                recorder = ValueRecorder(balancer.config)
                 counts = topk_mask(logits.detach(), TOPK, padding).sum(0)
                 out = balancer.attach(torch.zeros_like(scores, requires_grad=True), scores, counts,
-                                      int((~padding).sum()), lambda: 1.0, value_recorder(values), load=counts)
-                outs.append((layer, logits, out, values))
+                                      int((~padding).sum()), report=recorder.report, load=counts)
+                outs.append((layer, logits, out, recorder))
             after_forward.append(len(calls))
-            for layer, logits, out, values in reversed(outs):  # backward runs the last layer first
+            for layer, logits, out, recorder in reversed(outs):  # backward runs the last layer first
                 out.sum().backward()
-                results[layer, rank, j] = MicroBatchResult(logits.grad, values)
+                results[layer, rank, j] = MicroBatchResult(logits.grad, recorder.values())
     finally:
         engine.dist.all_reduce = real_all_reduce
     return Coalesced(calls, after_forward, results)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.cpu_harness
 def micro_batch(balancer, backward=True):
     scores = torch.softmax(torch.randn(6, 4), -1).requires_grad_()
     counts = torch.tensor([3, 1, 2, 0])
-    out = balancer.attach(torch.zeros(6, 4, requires_grad=True), scores, counts, 6, lambda: 1.0)
+    out = balancer.attach(torch.zeros(6, 4, requires_grad=True), scores, counts, 6)
     if backward:
         out.sum().backward()
 

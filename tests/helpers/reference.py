@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from moe_lbl.engine import BalanceConfig
+from moe_lbl.engine import BalanceConfig, Report
 
 
 def random_micro_batch(num_tokens: int, num_experts: int, num_padding: int, seed: int):
@@ -68,10 +68,16 @@ def reference_losses(data: dict, config: BalanceConfig, num_experts: int, topk: 
     return out
 
 
-def value_recorder(values: dict):
-    """An engine report callback that stores each term's value (its loss over its coefficient,
-    as Megatron logs it) in `values`, by scope."""
-    return lambda scope, loss, coeff: values.__setitem__(scope, float(loss) / coeff)
+class ValueRecorder:
+    """An engine Report whose targets read back as each term's value (its loss over its
+    coefficient, as Megatron logs it), by scope."""
+
+    def __init__(self, config: BalanceConfig):
+        self.targets = {term.scope: torch.zeros(1, dtype=torch.float64) for term in config.terms()}
+        self.report = Report(self.targets)
+
+    def values(self) -> dict:
+        return {scope: float(target) for scope, target in self.targets.items()}
 
 
 def assert_matches_reference(got: dict, want: dict) -> None:
