@@ -51,8 +51,9 @@ from moe_lbl.kernels.topk_router_details._spec import (
     RoutingSpec,
 )
 
-__all__ = ["FUSED_SCORE_FUNCTIONS", "MAX_EXPERTS", "MAX_TOPK", "SUPPORTED_DTYPES", "Launch", "RouterOutput",
-           "RouterStats", "RoutingSpec", "fused_topk_router", "load_router", "topk_routing_with_score_function"]
+__all__ = ["FUSED_SCORE_FUNCTIONS", "MAX_EXPERTS", "MAX_TOPK", "SUPPORTED_DTYPES", "Launch", "Registration",
+           "RouterOutput", "RouterStats", "RoutingSpec", "fused_topk_router", "load_router",
+           "topk_routing_with_score_function"]
 
 
 @dataclass
@@ -71,6 +72,27 @@ class RouterStats:
     score_sums: torch.Tensor
     valid_tokens: torch.Tensor
     z_sum: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A balancing engine's registration of the micro-batch, which the statistics kernel fills
+    from the statistics it has just summed (moe_lbl.engine.LoadBalancer.prepare makes one).
+
+    counters: int64 [2], registrations in the step and those in forward: the first is this
+        registration's tag slot, and both are incremented (the second where in_forward).
+    tags: int64 [slots, 3], the tag each slot's count sums carry.
+    slot: int64 [1] to fill with the slot; sequence: int64 [2E + 3] to fill with [aux counts,
+    dispatched counts, tag], and batch: int64 [E + 4] with [aux counts, valid tokens, tag], the
+    vectors the engine sums over its groups (None: no such sum, and slot None when neither).
+    """
+
+    counters: torch.Tensor
+    tags: torch.Tensor
+    in_forward: bool
+    slot: Optional[torch.Tensor] = None
+    sequence: Optional[torch.Tensor] = None
+    batch: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -106,10 +128,13 @@ class _FusedTopKRouter(torch.autograd.Function):
     z_sum are differentiable."""
 
     @staticmethod
-    def forward(ctx, logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, launch):
+    def forward(ctx, logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, launch, registration):
         routing = routing_args(spec, launch)
-        outputs = torch.ops.moe_lbl.topk_router_forward(logits, expert_bias, padding_mask, *routing,
-                                                        compute_stats, dense, sparse)
+        r = registration
+        outputs = torch.ops.moe_lbl.topk_router_forward(
+            logits, expert_bias, padding_mask, *routing, compute_stats, dense, sparse,
+            *((r.counters, r.tags, r.slot, r.sequence, r.batch, r.in_forward) if r is not None
+              else (None, None, None, None, None, False)))
         _, routing_map, topk_indices, _, counts, _, valid_tokens, _ = outputs
         # The backward finds the chosen experts in the routing map (dense) or topk_indices (sparse).
         ctx.save_for_backward(logits, routing_map, topk_indices, padding_mask)
@@ -125,7 +150,7 @@ class _FusedTopKRouter(torch.autograd.Function):
         grad = torch.ops.moe_lbl.topk_router_backward(
             logits, routing_map, topk_indices, padding_mask, _contiguous(grad_probs), _contiguous(grad_topk_probs),
             _contiguous(grad_score_sums, torch.float32), _contiguous(grad_z_sum, torch.float32), *ctx.routing)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _contiguous(tensor: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
@@ -150,6 +175,7 @@ def fused_topk_router(
     dense: bool = True,
     sparse: bool = True,
     launch: Optional[Launch] = None,
+    registration: Optional[Registration] = None,
 ) -> RouterOutput:
     """Routing plus balancing statistics in one pass over the logits; gradients in one more.
 
@@ -157,7 +183,8 @@ def fused_topk_router(
     always). padding_mask: [T] bool, True for padding tokens (excluded from the statistics).
     probs, topk_probs and the statistics score_sums and z_sum are differentiable: whatever
     gradients reach them when backward runs, one kernel turns into the logits gradient.
-    expert_bias is used with sigmoid only.
+    expert_bias is used with sigmoid only. registration (with compute_stats): where the
+    statistics also register the micro-batch with a balancing engine.
     """
     _check_logits(logits)
     spec = RoutingSpec(logits.shape[1], topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
@@ -169,7 +196,7 @@ def fused_topk_router(
     # As Megatron: the expert bias only adds to sigmoid scores, in fp32.
     expert_bias = _contiguous(expert_bias, torch.float32) if score_function == "sigmoid" else None
     probs, routing_map, topk_indices, topk_probs, counts, score_sums, valid_tokens, z_sum = _FusedTopKRouter.apply(
-        logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, launch or Launch())
+        logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, launch or Launch(), registration)
     stats = RouterStats(counts[0], counts[1], score_sums, valid_tokens, z_sum) if compute_stats else None
     return RouterOutput(probs, routing_map, topk_indices, topk_probs, stats)
 
@@ -186,15 +213,14 @@ def load_router(logits: torch.Tensor, topk: int, *, gradients: tuple[str, ...] =
     calls return at once, or raise again what the first one raised (a compile error, too many
     resources for the device).
 
-    Tensor options (expert_bias, padding_mask) only need the right shape and dtype: everything is
-    traced on meta tensors.
+    Tensor options (expert_bias, padding_mask, a registration's) only need the right shape and
+    dtype: everything is traced on meta tensors.
     """
     unknown = set(gradients) - set(DIFFERENTIABLE_OUTPUTS)
     if unknown:
         raise ValueError(f"unknown gradients {sorted(unknown)}: choose from {', '.join(DIFFERENTIABLE_OUTPUTS)}")
     num_tokens, num_experts = logits.shape
-    described = tuple(sorted((name, (value.dtype, tuple(value.shape)) if isinstance(value, torch.Tensor) else value)
-                             for name, value in options.items()))
+    described = tuple(sorted((name, _describe(value)) for name, value in options.items()))
     key = (logits.device, logits.dtype, num_experts, topk, triton_compat.integer_specialization(num_tokens),
            triton_compat.integer_specialization(logits.stride(0)), tuple(sorted(gradients)), described)
     if key not in _loads:
@@ -207,6 +233,15 @@ def load_router(logits: torch.Tensor, topk: int, *, gradients: tuple[str, ...] =
         raise _loads[key]
 
 
+def _describe(value):
+    """What of an option the kernels specialize on: a tensor's dtype and shape, a registration's."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, tuple(value.shape)
+    if isinstance(value, Registration):
+        return tuple(_describe(getattr(value, name)) for name in Registration.__dataclass_fields__)
+    return value
+
+
 def _compile_and_load(logits, topk, gradients, options) -> None:
     meta = torch.device("meta")
 
@@ -214,6 +249,10 @@ def _compile_and_load(logits, topk, gradients, options) -> None:
         return None if t is None else torch.empty(t.shape, dtype=t.dtype, device=meta)
 
     options = dict(options, **{name: like(options.get(name)) for name in ("expert_bias", "padding_mask")})
+    registration = options.get("registration")
+    if registration is not None:
+        options["registration"] = Registration(*(like(v) if isinstance(v, torch.Tensor) else v for v in (
+            getattr(registration, name) for name in Registration.__dataclass_fields__)))
     traced = torch.empty(logits.shape, dtype=logits.dtype, device=meta, requires_grad=bool(gradients))
     with launcher.capture() as launches, torch.enable_grad():
         out = fused_topk_router(traced, topk, **options)

@@ -388,6 +388,7 @@ class _MicroBatch:
     z: Optional[ZLoss]
     in_forward: bool  # registered in forward (not by a recomputation in backward)
     step: int  # the balancer's step number (eager bookkeeping, for a graph back-propagated late)
+    exact_micro: bool = False  # per-token scores: a micro term's value in Megatron's arithmetic
     load: Optional[torch.Tensor] = None  # [E] int64: dispatched tokens, this rank's (set at launch)
     slot: Optional[torch.Tensor] = None  # [1]: its tag slot in the step
     sequence: Optional[_PendingSum] = None  # [counts, load, tag] summed over the sequence group
@@ -407,10 +408,13 @@ class LoadBalancer:
         T as valid_tokens times its size, as Megatron counts it; else T comes from the summed
         counts (k per valid token).
     device: where the state lives (the router's logits' device).
+    kernels: run each micro-batch's backward step as one fused kernel (moe_lbl.kernels.balance_step:
+        CUDA, or Triton's interpreter on CPU) instead of torch operations.
     """
 
     def __init__(self, config: BalanceConfig, num_experts: int, topk: int, sequence_group=None,
-                 batch_group=None, name: Optional[str] = None, even_split: bool = False, device="cpu"):
+                 batch_group=None, name: Optional[str] = None, even_split: bool = False, device="cpu",
+                 kernels: bool = False):
         if not isinstance(config, BalanceConfig):
             raise TypeError(f"config must be a BalanceConfig, got {type(config).__name__}")
         if not 1 <= topk <= num_experts:
@@ -424,6 +428,7 @@ class LoadBalancer:
         self.batch_group = batch_group
         self._sequence_size, self._batch_size = group_size(sequence_group), group_size(batch_group)
         self.even_split = even_split
+        self.kernels = kernels
         self.state = BalanceState(num_experts, device)
         # Eager bookkeeping (a graph replay runs none of it, and no tensor math reads it):
         self._step_number = 0  # steps closed: a late backward tells its own step by it
@@ -435,10 +440,28 @@ class LoadBalancer:
     def enabled(self) -> bool:
         return bool(self.config.terms())
 
+    def prepare(self):
+        """A registration for the fused router kernels to fill as they sum the statistics of the
+        micro-batch about to be attached (moe_lbl.kernels.topk_router.Registration): pass it to
+        fused_topk_router, then to attach, and registering costs no kernel of its own."""
+        from moe_lbl.kernels.topk_router import Registration
+
+        state, E = self.state, self.num_experts
+        needs_sequence, needs_batch = self._sums(self.config, loss=True)
+        device = state.ints.device
+
+        def vector(size):
+            return torch.empty(size, dtype=torch.int64, device=device)
+
+        return Registration(state.forward_counters, state.tags, not _in_backward(),
+                            slot=vector(1) if needs_sequence or needs_batch else None,
+                            sequence=vector(2 * E + 3) if needs_sequence else None,
+                            batch=vector(E + 4) if needs_batch else None)
+
     def attach(self, probs: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor,
                valid_tokens: Union[int, torch.Tensor], grad_scale: GradScale = GradScale(),
                report: Optional[Report] = None, load: Optional[torch.Tensor] = None,
-               z: Optional[ZLoss] = None) -> torch.Tensor:
+               z: Optional[ZLoss] = None, registration=None) -> torch.Tensor:
         """Register one micro-batch and return `probs` carrying the loss gradient to `scores`.
 
         scores: the balancing scores of the valid tokens, [T, N_E] (rows of padding tokens zero),
@@ -448,7 +471,8 @@ class LoadBalancer:
         tokens (an int where there is no padding). report: where each term's value goes once the
         counts have arrived. load: this micro-batch's dispatched tokens per expert, for the
         metrics; without it here, record_load gives it before the forward ends. z: a z-loss whose
-        gradient reaches z.z_sum in the same backward.
+        gradient reaches z.z_sum in the same backward. registration: what prepare() gave, which
+        the fused kernels filled (then load is required).
         """
         if scores.shape[-1:] != (self.num_experts,) or scores.dim() not in (1, 2):
             raise ValueError(f"scores must be [tokens, {self.num_experts}] or [{self.num_experts}], "
@@ -458,10 +482,11 @@ class LoadBalancer:
         self._launch_open()
         score_sum = scores.detach().sum(dim=0) if scores.dim() == 2 else scores.detach()
         micro_batch = self._register(counts, valid_tokens, score_sum, grad_scale, report, z)
+        micro_batch.exact_micro = scores.dim() == 2
         if load is None:
             self._open = micro_batch
         else:
-            self._launch(micro_batch, load)
+            self._launch(micro_batch, load, registration)
         return _AttachLoss.apply(probs, scores, None if z is None else z.z_sum, self, micro_batch)
 
     def record_load(self, probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
@@ -498,19 +523,29 @@ class LoadBalancer:
         if micro_batch is not None:
             self._launch(micro_batch, micro_batch.counts)
 
-    def _launch(self, micro_batch: _MicroBatch, load: torch.Tensor) -> None:
-        """Take the micro-batch's tag slot, and start the count sums its terms and metrics need."""
+    def _sums(self, config: BalanceConfig, loss: bool) -> tuple[bool, bool]:
+        """Which count sums a micro-batch needs: over the sequence group, over the batch group."""
+        return self._sequence_size > 1, loss and config.scope == "global" and self._batch_size > 1
+
+    def _launch(self, micro_batch: _MicroBatch, load: torch.Tensor, registration=None) -> None:
+        """Take the micro-batch's tag slot, and start the count sums its terms and metrics need
+        (from the vectors the fused kernels filled, with a registration)."""
         state = self.state
         if self._open is micro_batch:
             self._open = None
         micro_batch.load = load = load.to(torch.int64)
-        needs_sequence = self._sequence_size > 1
-        needs_batch = (micro_batch.score_sum is not None and micro_batch.config.scope == "global"
-                       and self._batch_size > 1)
+        needs_sequence, needs_batch = self._sums(micro_batch.config, micro_batch.score_sum is not None)
         if needs_sequence or needs_batch:
-            micro_batch.slot = state.sent.clone()  # the counter moves on; its slot stays
-            tag = state.tags.index_select(0, micro_batch.slot).view(3)
-            counts = micro_batch.counts.to(torch.int64)
+            if registration is not None:
+                micro_batch.slot = registration.slot
+                sequence, batch = registration.sequence, registration.batch
+            else:
+                micro_batch.slot = state.sent.clone()  # the counter moves on; its slot stays
+                tag = state.tags.index_select(0, micro_batch.slot).view(3)
+                counts = micro_batch.counts.to(torch.int64)
+                sequence = torch.cat([counts, load, tag]) if needs_sequence else None
+                batch = (torch.cat([counts, _tokens_tensor(micro_batch.valid_tokens, counts.device), tag])
+                         if needs_batch else None)
             async_op = micro_batch.config.async_sync
             step, slot = self._step_number, micro_batch.slot
 
@@ -518,12 +553,12 @@ class LoadBalancer:
                 return f"{self.name}, step {step}, micro-batch {int(slot)}"
 
             if needs_sequence:
-                micro_batch.sequence = self._pending(torch.cat([counts, load, tag]), self.sequence_group, async_op,
-                                                     what)
+                micro_batch.sequence = self._pending(sequence, self.sequence_group, async_op, what)
             if needs_batch:
-                tokens = _tokens_tensor(micro_batch.valid_tokens, counts.device)
-                micro_batch.batch = self._pending(torch.cat([counts, tokens, tag]), self.batch_group, async_op, what)
-        state.forward_counters.add_(state.forward_increment if micro_batch.in_forward else state.recompute_increment)
+                micro_batch.batch = self._pending(batch, self.batch_group, async_op, what)
+        if registration is None:
+            state.forward_counters.add_(state.forward_increment if micro_batch.in_forward
+                                        else state.recompute_increment)
 
     def _pending(self, local: torch.Tensor, group, async_op: bool, what: Callable[[], str]) -> _PendingSum:
         pending = _PendingSum(self.serial, local, group, async_op, what)
@@ -595,6 +630,8 @@ class LoadBalancer:
             raise RuntimeError(f"moe-lbl: {self.name} back-propagated a micro-batch of step {micro_batch.step} "
                                f"after step {self._step_number - 1} closed: back-propagate each micro-batch before "
                                "its step ends")
+        if self.kernels and not late:
+            return self._backward_kernel(micro_batch, loss_dtype)
         sequence = self._sum(micro_batch, micro_batch.sequence, 0, late)
         batch = self._sum(micro_batch, micro_batch.batch, 1, late)
         if not late:
@@ -619,25 +656,19 @@ class LoadBalancer:
         if micro_batch.score_sum is None:
             return None, z_gradient
         counts = micro_batch.counts if sequence is None else sequence[:E]
-        # T of the sequence group, as Megatron counts it: an int where the split is even (or the
-        # group one rank), else from the summed counts, which hold k per valid token.
-        if isinstance(valid, int) and (self.even_split or self._sequence_size == 1):
-            tokens = valid * self._sequence_size
-        else:
-            tokens = counts.sum() / self.topk
+        tokens = self._tokens(valid, counts)
         scale, gradient = micro_batch.grad_scale.value(valid, loss_dtype), None
         for term in micro_batch.config.terms():
             if term.scope == "micro":
-                # Megatron's switch_load_balancing_loss_func, in its order: its value to the bit.
-                weight = E * term.coeff / (self.topk * tokens * tokens)
-                vector, loss = counts, torch.sum(micro_batch.score_sum * counts) * weight
+                weight, loss = self._micro_loss(micro_batch.score_sum, counts, tokens, term.coeff)
+                vector = counts
             else:
                 totals = batch if batch is not None else torch.cat(
                     [micro_batch.counts.to(torch.int64), _tokens_tensor(valid, counts.device)])
                 if micro_batch.config.buffer:
                     totals = state.last_pooled + totals if late else self._pool(totals)
                 vector = totals[:E].double() / (self.topk * totals[E].clamp(min=1))  # f, exact to fp64
-                weight = term.coeff * E / (tokens.clamp(min=1) if isinstance(tokens, torch.Tensor) else max(tokens, 1))
+                weight = term.coeff * E / tokens
                 loss = (torch.sum(vector * micro_batch.score_sum.double()) * weight).to(loss_dtype)
             if report is not None and term.scope in report.targets:
                 value = loss / report.divisor if report.divisor != 1 else loss
@@ -645,6 +676,52 @@ class LoadBalancer:
             term_gradient = (scale * weight) * vector  # Megatron's autograd: (scale * weight) * counts
             gradient = term_gradient if gradient is None else gradient + term_gradient
         return gradient, z_gradient
+
+    def _tokens(self, valid: Union[int, torch.Tensor], counts: torch.Tensor):
+        """T of the sequence group, as Megatron counts it: an int where the split is even (or the
+        group one rank), else from the (summed) counts, which hold k per valid token; at least 1
+        (a micro-batch of padding only has no loss, where Megatron's would be 0/0)."""
+        if self._tokens_from_valid(valid):
+            return max(valid * self._sequence_size, 1)
+        return (counts.sum() / self.topk).clamp(min=1)
+
+    def _tokens_from_valid(self, valid: Union[int, torch.Tensor]) -> bool:
+        return isinstance(valid, int) and (self.even_split or self._sequence_size == 1)
+
+    def _micro_loss(self, score_sum: torch.Tensor, counts: torch.Tensor, tokens, coeff: float):
+        """(weight, loss) of a micro term: Megatron's switch_load_balancing_loss_func, in its
+        order, so that its value is Megatron's to the bit."""
+        weight = self.num_experts * coeff / (self.topk * tokens * tokens)
+        return weight, torch.sum(score_sum * counts) * weight
+
+    def _backward_kernel(self, micro_batch: _MicroBatch, loss_dtype: torch.dtype):
+        """_backward's work as one kernel (moe_lbl.kernels.balance_step), for a micro-batch back-
+        propagated in its step. A micro term of per-token scores (Megatron's routing) keeps its
+        value in torch operations, Megatron's to the bit."""
+        from moe_lbl.kernels.balance_step import balance_backward
+
+        sequence = micro_batch.sequence.get() if micro_batch.sequence is not None else None
+        batch = micro_batch.batch.get() if micro_batch.batch is not None else None
+        has_loss = micro_batch.score_sum is not None
+        coeffs = {term.scope: term.coeff for term in micro_batch.config.terms()} if has_loss else {}
+        report, z, valid = micro_batch.report, micro_batch.z, micro_batch.valid_tokens
+        targets = dict(report.targets) if report is not None else {}
+        if micro_batch.exact_micro and "micro" in targets:
+            counts = micro_batch.counts if sequence is None else sequence[:self.num_experts]
+            _, loss = self._micro_loss(micro_batch.score_sum, counts, self._tokens(valid, counts), coeffs["micro"])
+            value = loss / report.divisor if report.divisor != 1 else loss
+            targets.pop("micro").add_(value / coeffs["micro"])
+        scale = micro_batch.grad_scale
+        return balance_backward(
+            counts=micro_batch.counts.to(torch.int64), load=micro_batch.load, valid_tokens=valid,
+            score_sums=micro_batch.score_sum.to(loss_dtype) if has_loss else None, sequence=sequence, batch=batch,
+            slot=micro_batch.slot, state=self.state, scale=scale.source(), tokens_factor=scale.tokens_factor,
+            divisor=scale.divisor, global_coeff=coeffs.get("global", 0.0), micro_coeff=coeffs.get("micro", 0.0),
+            buffer=micro_batch.config.buffer, global_target=targets.get("global"), micro_target=targets.get("micro"),
+            report_divisor=report.divisor if report is not None else 1,
+            z_sum=z.z_sum.detach() if z is not None else None, z_coeff=z.coeff if z is not None else 0.0,
+            z_target=z.target if z is not None else None, topk=self.topk, sequence_size=self._sequence_size,
+            in_forward=micro_batch.in_forward, tokens_from_counts=not self._tokens_from_valid(valid))
 
     def _pool(self, totals: torch.Tensor) -> torch.Tensor:
         """The buffer with this micro-batch's global counts and tokens added: the prefix of the

@@ -90,10 +90,12 @@ _ROUTING = ("int topk, str score_function, bool use_pre_softmax, int num_groups,
 
 
 def _forward(logits, expert_bias, padding_mask, topk, score_function, use_pre_softmax, num_groups, group_topk,
-             scaling_factor, block_t, num_programs, num_warps, compute_stats, dense, sparse, launches=True):
+             scaling_factor, block_t, num_programs, num_warps, compute_stats, dense, sparse, counters, tags, slot,
+             sequence, batch, in_forward, launches=True):
     """(probs, routing_map, topk_indices, topk_probs, counts [2, E] (aux, dispatched), score_sums,
-    valid_tokens, z_sum), None where not asked for. launches: whether to launch (or record) the
-    kernels, or only allocate the outputs."""
+    valid_tokens, z_sum), None where not asked for; with counters, the statistics kernel also
+    fills a balancing engine's registration (see router_statistics). launches: whether to launch
+    (or record) the kernels, or only allocate the outputs."""
     spec = _spec(logits.shape[1], topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
     launch = _launch(block_t, num_programs, num_warps)
     num_tokens, num_experts = logits.shape
@@ -141,10 +143,12 @@ def _forward(logits, expert_bias, padding_mask, topk, score_function, use_pre_so
         valid_tokens, z_sum = _empty((), torch.int64, device), _empty((), torch.float32, device)
         if launches:
             block_e = min(_STATISTICS_BLOCK_E, _power_of_2(num_experts))
+            registration = [counts if t is None else t for t in (counters, tags, slot, sequence, batch)]
             launcher.launch(router_statistics, _blocks(num_experts, block_e), *partials,
-                            partials[0].shape[0], counts, score_sums, z_sum, valid_tokens, E=num_experts,
-                            SEPARATE_AUX_TOPK=separate_aux, BLOCK_P=8, BLOCK_E=block_e,
-                            num_warps=4 if block_e <= 256 else 8)
+                            partials[0].shape[0], counts, score_sums, z_sum, valid_tokens, *registration,
+                            E=num_experts, SEPARATE_AUX_TOPK=separate_aux, BLOCK_P=8, BLOCK_E=block_e,
+                            REGISTER=counters is not None, IN_FORWARD=in_forward, SEQUENCE=sequence is not None,
+                            BATCH=batch is not None, num_warps=4 if block_e <= 256 else 8)
         statistics = (counts, score_sums, valid_tokens, z_sum)
     return (probs, routing_map, topk_indices, topk_probs, *statistics)
 
@@ -182,7 +186,7 @@ def _backward(logits, routing_map, topk_indices, padding_mask, grad_probs, grad_
     return grad_logits
 
 
-_LIBRARY = torch.library.Library("moe_lbl", "DEF")
+_LIBRARY = torch.library.Library("moe_lbl", "FRAGMENT")
 
 
 def _define(name: str, schema: str, implementation) -> None:
@@ -196,7 +200,8 @@ def _define(name: str, schema: str, implementation) -> None:
 
 _define("topk_router_forward",
         f"(Tensor logits, Tensor? expert_bias, Tensor? padding_mask, {_ROUTING}, bool compute_stats, bool dense, "
-        "bool sparse) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)", _forward)
+        "bool sparse, Tensor(a!)? counters, Tensor? tags, Tensor(b!)? slot, Tensor(c!)? sequence, Tensor(d!)? batch, "
+        "bool in_forward) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)", _forward)
 _define("topk_router_backward",
         f"(Tensor logits, Tensor? routing_map, Tensor? topk_indices, Tensor? padding_mask, Tensor? grad_probs, "
         f"Tensor? grad_topk_probs, Tensor? grad_score_sums, Tensor? grad_z_sum, {_ROUTING}) -> Tensor", _backward)

@@ -63,10 +63,14 @@ class Layer:
         self.grad_scale = GradScale(_main_loss_scale, tokens_factor, self.repeats)
         balance_config = resolve_balance_config(config, patch.options)
         self.names = tracker_names(config, balance_config)
+        # Each backward step is one fused kernel where the kernels run: on CUDA unless kernels=False,
+        # in Triton's interpreter with kernels=True.
+        device = router.weight.device
+        kernels = patch.options.kernels is True or (patch.options.kernels == "auto" and device.type == "cuda")
         self.balancer = LoadBalancer(balance_config, num_experts=config.num_moe_experts, topk=router.topk,
                                      sequence_group=self.sequence_group, batch_group=self.batch_group,
                                      name=f"the router of layer {router.layer_number}", even_split=True,
-                                     device=router.weight.device)
+                                     device=device, kernels=kernels)
         # The engine's state as buffers of the router: Megatron's CUDA graphs (cuda_graph_impl
         # "local") save and restore a layer's buffers around their warmup and capture passes.
         for index, tensor in enumerate(self.balancer.state.tensors()):
@@ -81,7 +85,8 @@ class Layer:
 
     def attach(self, probs: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor,
                valid_tokens: Union[int, torch.Tensor], load: Optional[torch.Tensor] = None,
-               z_sum: Optional[torch.Tensor] = None, z_coeff: Optional[float] = None) -> torch.Tensor:
+               z_sum: Optional[torch.Tensor] = None, z_coeff: Optional[float] = None,
+               registration=None) -> torch.Tensor:
         """The engine's loss on one micro-batch, its gradient attached to the balancing scores (or
         their sums), its values logged under Megatron's names when backward has them; with z_sum,
         Megatron's z-loss (coeff * mean lse^2) on the same micro-batch."""
@@ -92,25 +97,28 @@ class Layer:
         if z_sum is not None:
             groups = {"avg_group": self.batch_group} if self.features.tp_cp_token_scale else {}
             z = ZLoss(z_sum, z_coeff, self.target("z_loss", **groups))
-        return self.balancer.attach(probs, scores, counts, valid_tokens, self.grad_scale, report, load=load, z=z)
+        return self.balancer.attach(probs, scores, counts, valid_tokens, self.grad_scale, report, load=load, z=z,
+                                    registration=registration)
 
     def target(self, name: str, **groups) -> torch.Tensor:
         """This layer's entry of `name` in Megatron's tracker (a one-element view its values are
         added to), made as Megatron's record makes it where it is missing: moe_logging's metrics
         tracker (0.18+, where save_to_aux_losses_tracker is a deprecated wrapper of it), else the
         aux-loss tracker."""
-        zero = torch.zeros((), device=self.balancer.state.ints.device)
+        def zero():
+            return torch.zeros((), device=self.balancer.state.ints.device)
+
         if self.features.metrics_tracker:
             tracker = importlib.import_module(LOGGING_MODULE).get_moe_metrics_tracker()
             if name not in tracker.metrics:
-                tracker.record(name, zero, self.log_layer, self.num_layers, **groups)
+                tracker.record(name, zero(), self.log_layer, self.num_layers, **groups)
             values = tracker.metrics[name].values
         else:
             from megatron.core.transformer.moe import moe_utils
 
             tracker = _aux_losses_tracker()
             if name not in tracker:
-                moe_utils.save_to_aux_losses_tracker(name, zero, self.log_layer, self.num_layers, **groups)
+                moe_utils.save_to_aux_losses_tracker(name, zero(), self.log_layer, self.num_layers, **groups)
             values = tracker[name]["values"]
         return values[self.log_layer - 1:self.log_layer]
 

@@ -93,11 +93,14 @@ def _kernel_call(router, layer: Layer, logits, padding_mask) -> KernelCall:
         ("z_sum",) if z_coeff is not None else ())
     if padding_mask is not None:
         padding_mask = padding_mask.reshape(-1)
+    # Without capacity dropping the statistics kernel registers the micro-batch with the engine
+    # (with it, the dispatched load is known only after the dropping).
+    registration = layer.balancer.prepare() if training and config.moe_expert_capacity_factor is None else None
     options = dict(
         score_function=router.score_function, use_pre_softmax=config.moe_router_pre_softmax,
         num_groups=config.moe_router_num_groups, group_topk=config.moe_router_group_topk,
         scaling_factor=config.moe_router_topk_scaling_factor, expert_bias=router.expert_bias,
-        padding_mask=padding_mask, compute_stats=training, dense=True, sparse=False)
+        padding_mask=padding_mask, compute_stats=training, dense=True, sparse=False, registration=registration)
     return KernelCall(_kernel_logits(router, layer, logits.view(-1, config.num_moe_experts)), logits.dtype,
                       padding_mask, options, gradients, z_coeff)
 
@@ -167,6 +170,7 @@ def _fused_routing(router, layer: Layer, call: KernelCall):
     from moe_lbl.kernels import fused_topk_router
 
     config = router.config
+    registration = call.options["registration"]
     out = fused_topk_router(call.logits, router.topk, **call.options)
     stats, probs = out.stats, out.probs.to(call.dtype)
     routing_map = out.routing_map
@@ -181,7 +185,8 @@ def _fused_routing(router, layer: Layer, call: KernelCall):
             load = _dispatched(routing_map, call.padding_mask)
         if call.training:  # the balancing loss (where it has a term) and Megatron's z-loss
             probs = layer.attach(probs, stats.score_sums, stats.aux_counts, stats.valid_tokens, load=load,
-                                 z_sum=None if call.z_coeff is None else stats.z_sum, z_coeff=call.z_coeff)
+                                 z_sum=None if call.z_coeff is None else stats.z_sum, z_coeff=call.z_coeff,
+                                 registration=registration)
         if router.enable_expert_bias:
             # What TopKRouter._apply_expert_bias does, which in 0.16 fails with a padding mask
             # (it combines the [T, E] map with the [T] mask without broadcasting).

@@ -7,9 +7,10 @@ from moe_lbl.engine import BalanceConfig, GradScale, LoadBalancer
 from tests.helpers.reference import ValueRecorder, random_micro_batch, reference_losses, topk_mask
 
 
-def run_engine(config, micro_batches, num_experts, topk, scale):
-    """Attach every micro-batch, back-propagate each; return logits grads and reported values."""
-    balancer = LoadBalancer(config, num_experts, topk)
+def run_engine(config, micro_batches, num_experts, topk, scale, kernels=False):
+    """Attach every micro-batch, back-propagate each; return logits grads and reported values.
+    kernels: each backward step as the fused kernel (Triton's interpreter on CPU)."""
+    balancer = LoadBalancer(config, num_experts, topk, kernels=kernels)
     grads, reports = [], []
     for logits, padding in micro_batches:
         logits = logits.clone().requires_grad_()
@@ -35,14 +36,15 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "kernel"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.scope}-buf{c.buffer}-mc{c.micro_coeff}")
 @pytest.mark.parametrize("num_experts,topk", [(8, 2), (60, 4), (7, 1)])
-def test_engine_matches_float64_reference(config, num_experts, topk):
+def test_engine_matches_float64_reference(config, num_experts, topk, kernels):
     shapes = [(37, 5), (64, 0), (23, 22)]  # (tokens, padding): uneven, some nearly all padding
     micro_batches = [random_micro_batch(t, num_experts, p, seed=100 * num_experts + i)
                      for i, (t, p) in enumerate(shapes)]
     scale = 1.0 / len(micro_batches)
-    _, grads, reports = run_engine(config, micro_batches, num_experts, topk, scale)
+    balancer, grads, reports = run_engine(config, micro_batches, num_experts, topk, scale, kernels)
     want = reference_losses({(0, j): mb for j, mb in enumerate(micro_batches)}, config, num_experts, topk, scale)
     for j, (got_grad, got) in enumerate(zip(grads, reports)):
         expected = want[0, j]
@@ -153,3 +155,18 @@ def test_a_step_that_never_resets_is_closed_with_a_warning(monkeypatch):
     assert torch.equal(balancer.buffered_counts, torch.tensor([0, 5, 0, 0, 5]))  # a new step began
     sent, forward = balancer.state.forward_counters.tolist()
     assert int(balancer.state.last[-1]) == 3 and (sent, forward) == (1, 1)  # the closed step's 3, the new one's 1
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.scope}-buf{c.buffer}-mc{c.micro_coeff}")
+def test_the_fused_step_leaves_the_state_torch_operations_leave(config):
+    """The backward step as one kernel updates the layer's state (buffer, loads, MaxVio,
+    counters) as the torch operations do, and closes the step alike."""
+    micro_batches = [random_micro_batch(t, 8, p, seed=7 + i) for i, (t, p) in enumerate([(30, 4), (25, 0), (9, 9)])]
+    states = []
+    for kernels in (False, True):
+        balancer, _, _ = run_engine(config, micro_batches, 8, 2, 0.5, kernels)
+        before = balancer.state.ints.clone(), balancer.state.floats.clone()
+        balancer.end_step()
+        states.append((*before, balancer.state.ints.clone(), balancer.state.floats.clone()))
+    for torch_ops, kernel in zip(*states):
+        torch.testing.assert_close(kernel, torch_ops, rtol=1e-12, atol=0)

@@ -4,6 +4,7 @@ Tensor-parallel ranks hold different tokens of the same sequences (sequence para
 Megatron requires for MoE with TP): T and P count the tokens of both, as Megatron's aux_loss does.
 """
 
+import itertools
 from typing import NamedTuple
 
 import pytest
@@ -38,10 +39,11 @@ def rank_worker(rank, world_size):
     from megatron.core import parallel_state
 
     results = {}
-    for name, config in CONFIGS.items():
+    for (name, config), kernels in itertools.product(CONFIGS.items(), (False, True)):
         balancer = LoadBalancer(config, NUM_EXPERTS, TOPK,
                                 sequence_group=parallel_state.get_tensor_and_context_parallel_group(),
-                                batch_group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
+                                batch_group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True),
+                                kernels=kernels)
         micro_batches = []
         for j in range(NUM_MICRO_BATCHES):
             logits, padding = micro_batch(rank, j)
@@ -54,7 +56,7 @@ def rank_worker(rank, world_size):
             out.sum().backward()
             micro_batches.append(MicroBatchResult(logits.grad, recorder.values()))
         balancer.end_step()
-        results[name] = micro_batches
+        results[name, kernels] = micro_batches
     return results
 
 
@@ -63,11 +65,12 @@ def ranks():
     return spawn(rank_worker, 4, tensor_parallel=2)
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "kernel"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_tensor_parallel_ranks_share_token_totals(ranks, name):
+def test_tensor_parallel_ranks_share_token_totals(ranks, name, kernels):
     data = {(r, j): micro_batch(r, j) for r in range(4) for j in range(NUM_MICRO_BATCHES)}
     want = reference_losses(data, CONFIGS[name], NUM_EXPERTS, TOPK, 1.0 / NUM_MICRO_BATCHES, tensor_parallel=2)
-    assert_matches_reference({(r, j): result[name][j] for r, result in enumerate(ranks)
+    assert_matches_reference({(r, j): result[name, kernels][j] for r, result in enumerate(ranks)
                               for j in range(NUM_MICRO_BATCHES)}, want)
 
 

@@ -1,0 +1,1 @@
+"""Private Triton kernel of moe_lbl.kernels.balance_step."""
