@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile every router kernel for sm_80/90/100 with the oldest Triton the kernels support (3.6,
+# Compile every kernel (router and balancing step) for sm_80/90/100 with the oldest Triton the kernels support (3.6,
 # what the GPU machines run), installed side by side (pip --target) over the main environment;
 # the suite already compiles them with the Triton it installs.
 set -euo pipefail

@@ -25,7 +25,7 @@ def micro_batch(balancer, backward=True):
         out.sum().backward()
 
 
-def run_steps(rank, micro_batches_per_step, evaluations_before, async_sync):
+def run_steps(rank, micro_batches_per_step, evaluations_before, async_sync, kernels=False):
     """Micro-batches of each step on this rank (with evaluation passes, forward only, before them);
     returns what was raised, or 'ok'."""
     import torch.distributed as dist
@@ -34,7 +34,7 @@ def run_steps(rank, micro_batches_per_step, evaluations_before, async_sync):
 
     engine.SYNC_TIMEOUT = datetime.timedelta(seconds=4)
     balancer = engine.LoadBalancer(engine.BalanceConfig("global", async_sync=async_sync), 4, 2,
-                                   batch_group=dist.group.WORLD, name="layer 1")
+                                   batch_group=dist.group.WORLD, name="layer 1", kernels=kernels)
     try:
         for count, evaluations in zip(micro_batches_per_step[rank], evaluations_before[rank]):
             for _ in range(evaluations):
@@ -48,16 +48,19 @@ def run_steps(rank, micro_batches_per_step, evaluations_before, async_sync):
     return "ok"
 
 
-def run_steps_worker(rank, world_size, micro_batches_per_step, evaluations_before, async_sync):
-    return run_steps(rank, micro_batches_per_step, evaluations_before, async_sync)
+def run_steps_worker(rank, world_size, micro_batches_per_step, evaluations_before, async_sync, kernels=False):
+    return run_steps(rank, micro_batches_per_step, evaluations_before, async_sync, kernels)
 
 
-@pytest.mark.parametrize("async_sync", [True, False])
-def test_ranks_with_different_micro_batch_counts_both_raise(async_sync):
+@pytest.mark.parametrize("async_sync,kernels", [(True, False), (False, False), (True, True)],
+                         ids=["async", "blocking", "async-kernel"])
+def test_ranks_with_different_micro_batch_counts_both_raise(async_sync, kernels):
     """Rank 0 runs 3 micro-batches in step 0, rank 1 runs 2: the global scope used to hang (gloo
-    30 min, NCCL until its watchdog), with no message."""
+    30 min, NCCL until its watchdog), with no message. With kernels, the backward step's kernel
+    writes the tags the check reads."""
     start = time.monotonic()
-    results = spawn(run_steps_worker, 2, {0: [3, 1], 1: [2, 1]}, {0: [0, 0], 1: [0, 0]}, async_sync, timeout=120)
+    results = spawn(run_steps_worker, 2, {0: [3, 1], 1: [2, 1]}, {0: [0, 0], 1: [0, 0]}, async_sync, kernels,
+                    timeout=120)
     assert time.monotonic() - start < 60
     for rank, message in enumerate(results):
         assert message.startswith("moe-lbl: ranks summed the counts of different micro-batches for layer 1"), (
