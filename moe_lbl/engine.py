@@ -222,6 +222,8 @@ class BalanceState:
       skipped         forward registrations never back-propagated, in steps not yet checked
       last_loads [E], last_backpropagated: the last closed step's, for the metrics
       last_pooled [E+1]: the last closed step's buffer (for a graph back-propagated after it)
+      mismatches      count sums whose tags disagreed, in steps not yet checked
+      first_mismatch [4]: the first of them, as `received` held it
     tags [_TAG_SLOTS, 3] (int64): the tag [1, code, code^2] each slot sends this step
     received [2, _TAG_SLOTS, 4] (int64): per sum (over the sequence group, over the batch group)
       and slot, the summed tag [n, sum code, sum code^2] and the code this rank sent (zero until
@@ -232,7 +234,7 @@ class BalanceState:
 
     def __init__(self, num_experts: int, device):
         E = num_experts
-        self.ints = torch.zeros(4 * E + 10, dtype=torch.int64, device=device)
+        self.ints = torch.zeros(4 * E + 14, dtype=torch.int64, device=device)
         ints = self.ints
         self.pooled = ints[:E + 1]
         self.loads = ints[E + 1:2 * E + 1]
@@ -245,6 +247,9 @@ class BalanceState:
         self.skipped = ints[2 * E + 6]
         self.last = ints[2 * E + 7:3 * E + 8]  # last_loads, last_backpropagated
         self.last_pooled = ints[3 * E + 8:4 * E + 9]
+        self.mismatches = ints[4 * E + 9]
+        self.first_mismatch = ints[4 * E + 10:4 * E + 14]
+        self.checked = ints[2 * E + 6:2 * E + 7], ints[4 * E + 9:4 * E + 14]  # skipped; mismatches, the first
         self.slots = torch.arange(_TAG_SLOTS, device=device)
         self.tags = torch.stack([torch.ones_like(self.slots), self.slots, self.slots * self.slots], dim=1)
         self.received = torch.zeros(2, _TAG_SLOTS, 4, dtype=torch.int64, device=device)
@@ -273,6 +278,15 @@ class BalanceState:
         self.code_base.add_(_TAG_SLOTS).remainder_(_TAG_SLOTS * _TAG_STEPS)
         self.tags[:, 1:2].copy_(self.code_base + self.slots[:, None])
         self.tags[:, 2:3].copy_(self.tags[:, 1:2] * self.tags[:, 1:2])
+        # The tags received join the checks' record (the first disagreeing sum is kept until the
+        # check reads it): a step closed inside a graph is checked at the next read.
+        rows = self.received.view(-1, 4)
+        n, code_sum, square_sum, sent = rows.unbind(1)
+        bad = (n > 0) & ((n * square_sum != code_sum * code_sum) | (code_sum != n * sent))
+        first = rows.index_select(0, bad.int().argmax().view(1)).view(4)
+        self.first_mismatch.copy_(torch.where((self.mismatches == 0) & bad.any(), first, self.first_mismatch))
+        self.mismatches.add_(bad.sum())
+        self.received.zero_()
 
 
 class _PendingSum:
@@ -281,6 +295,8 @@ class _PendingSum:
     Eager asynchronous sums join their group's bucket, launched with the other layers' vectors
     of the same micro-batch; eager blocking ones are launched at once; both are waited for in
     backward. Under capture the sum is a functional collective that completes in the forward.
+    Eager sums are summed in place where the vector is alone in its collective: the caller hands
+    `local` over.
     """
 
     def __init__(self, owner: int, local: torch.Tensor, group, async_op: bool, what: Callable[[], str]):
@@ -294,8 +310,8 @@ class _PendingSum:
             self._bucket = _bucket(group)
             self._bucket.add(owner, self)
         else:
-            self._value = local.clone()
-            self._work = dist.all_reduce(self._value, group=group, async_op=True)
+            self._value = local
+            self._work = dist.all_reduce(local, group=group, async_op=True)
 
     def launched(self, value: torch.Tensor, work) -> None:
         """The bucket's collective `work` will leave the sum in `value` (a view of its buffer)."""
@@ -349,7 +365,7 @@ class _CountBucket:
         if not self.pending:
             return
         entries = [e for _, e in self.pending]
-        packed = torch.cat([e.local for e in entries])
+        packed = entries[0].local if len(entries) == 1 else torch.cat([e.local for e in entries])
         work = dist.all_reduce(packed, group=self.group, async_op=True)
         offset = 0
         for entry in entries:
@@ -391,6 +407,7 @@ class _MicroBatch:
     exact_micro: bool = False  # per-token scores: a micro term's value in Megatron's arithmetic
     load: Optional[torch.Tensor] = None  # [E] int64: dispatched tokens, this rank's (set at launch)
     slot: Optional[torch.Tensor] = None  # [1]: its tag slot in the step
+    code: Optional[torch.Tensor] = None  # [1]: the tag code it sent (where registered by torch operations)
     sequence: Optional[_PendingSum] = None  # [counts, load, tag] summed over the sequence group
     batch: Optional[_PendingSum] = None  # [counts, tokens, tag] summed over the batch group
     gradients: Optional[tuple] = None  # the first backward's (a retained graph may be back-propagated again)
@@ -542,6 +559,7 @@ class LoadBalancer:
             else:
                 micro_batch.slot = state.sent.clone()  # the counter moves on; its slot stays
                 tag = state.tags.index_select(0, micro_batch.slot).view(3)
+                micro_batch.code = tag[1:2]
                 counts = micro_batch.counts.to(torch.int64)
                 sequence = torch.cat([counts, load, tag]) if needs_sequence else None
                 batch = (torch.cat([counts, _tokens_tensor(micro_batch.valid_tokens, counts.device), tag])
@@ -568,8 +586,7 @@ class LoadBalancer:
 
     def end_step(self) -> None:
         """Close the optimizer step: empty the buffer, keep the step's loads for the metrics,
-        and (outside a graph capture) read the checks: ranks that summed different micro-batches
-        raise MicroBatchMismatch, micro-batches never back-propagated warn.
+        and (outside a graph capture) check the step (see check).
 
         A step that registered nothing (a second reset, an evaluation-only step) keeps the last
         step's metrics.
@@ -584,34 +601,29 @@ class LoadBalancer:
         self.state.close_step()
         self._step_number += 1
         self._registrations = 0
-        problem = self._check()
-        if problem:  # raised once the step is closed: nothing is left half-reset
-            raise MicroBatchMismatch(problem)
+        self.check()  # raised once the step is closed: nothing is left half-reset
 
-    def _check(self) -> Optional[str]:
-        """What the tags received since the last check say (one host read), then clear them."""
+    def check(self) -> None:
+        """Read what the closed steps recorded since the last check (one host read; end_step does
+        it outside graphs, the metrics before they read a step): ranks that summed different
+        micro-batches raise MicroBatchMismatch, micro-batches never back-propagated warn."""
         state = self.state
-        received = state.received.view(-1, 4)
-        n, code_sum, square_sum, sent = received.unbind(1)
-        bad = (n > 0) & ((n * square_sum != code_sum * code_sum) | (code_sum != n * sent))
-        skipped, first = torch.stack([state.skipped, torch.where(bad.any(), bad.int().argmax(), -1)]).tolist()
-        problem = None
-        if first >= 0:
-            n, code_sum, _, sent = received[first].tolist()
-            step, micro_batch = divmod(sent, _TAG_SLOTS)
-            problem = (f"moe-lbl: ranks summed the counts of different micro-batches for {self.name}: this rank "
-                       f"sent step {step} (mod {_TAG_STEPS}), micro-batch {micro_batch}, the others on average "
-                       f"micro-batch code {(code_sum - sent) / max(n - 1, 1):g} (step * {_TAG_SLOTS} + "
-                       "micro-batch). The ranks of a group must run the same micro-batches in every step: as many, "
-                       "with evaluation passes under torch.no_grad() or model.eval()")
-        state.received.zero_()
-        state.skipped.zero_()
+        skipped, mismatches, n, code_sum, _, sent = torch.cat([state.checked[0], state.checked[1]]).tolist()
+        for tensor in state.checked:
+            tensor.zero_()
         if skipped:
             _warn_once("not back-propagated", f"moe-lbl: a layer registered {skipped} micro-batch(es) that were "
                        "never back-propagated (a forward pass in training mode with gradients enabled, such as an "
                        "evaluation); they were left out of the global batch. Run such passes under torch.no_grad() "
                        "or after model.eval()")
-        return problem
+        if mismatches:
+            step, micro_batch = divmod(sent, _TAG_SLOTS)
+            raise MicroBatchMismatch(
+                f"moe-lbl: ranks summed the counts of different micro-batches for {self.name}: this rank sent step "
+                f"{step} (mod {_TAG_STEPS}), micro-batch {micro_batch}, the others on average micro-batch code "
+                f"{(code_sum - sent) / max(n - 1, 1):g} (step * {_TAG_SLOTS} + micro-batch; {mismatches} sum(s) "
+                "disagreed). The ranks of a group must run the same micro-batches in every step: as many, with "
+                "evaluation passes under torch.no_grad() or model.eval()")
 
     @property
     def buffered_counts(self) -> torch.Tensor:
@@ -736,7 +748,9 @@ class LoadBalancer:
             return None
         value = pending.get()
         if not late:  # [n, sum code, sum code^2] and this rank's code
-            row = torch.cat([value[-3:], pending.local[-2:-1]])[None]
+            code = micro_batch.code if micro_batch.code is not None else self.state.tags[:, 1].index_select(
+                0, micro_batch.slot)
+            row = torch.cat([value[-3:], code])[None]
             self.state.received[which].index_copy_(0, micro_batch.slot, row)
         return value[:-3]
 

@@ -48,8 +48,11 @@ def layer_balance(layer: int, balancer: LoadBalancer) -> Optional[LayerBalance]:
     """Balance of the last completed step of one layer; None if it back-propagated no training
     micro-batch.
 
-    A collective over the balancer's batch group: every rank of it must call it.
+    A collective over the balancer's batch group: every rank of it must call it. The step is
+    checked first (LoadBalancer.check): under a graph that closes steps itself (Megatron's
+    full_iteration), this is where a mismatch between ranks surfaces.
     """
+    balancer.check()
     state = balancer.state
     micro_batches = state.last[-1:].double()
     summary = _all_reduce(torch.cat([state.last_max_vio.view(1), micro_batches]), balancer.batch_group)

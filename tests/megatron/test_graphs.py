@@ -196,6 +196,62 @@ def test_a_python_side_buffer_fails_under_replay():
             assert_step_matches(graphs[rank]["global"][1], want, eager[rank]["global"][1], rank, [])
 
 
+def mismatch_worker(rank, world_size, kernels):
+    """Steps of the "step" mode in global scope, where rank 0's registrations run one ahead of
+    rank 1's before the third step (as after a forward that rank 1 never ran): what the step's
+    balance metrics raise, the first host read after the replayed step closed itself."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    import moe_lbl
+    from moe_lbl.demo.tiny_gpt import build_router
+    from moe_lbl.engine import MicroBatchMismatch
+    from moe_lbl.metrics import layer_balance
+    from moe_lbl.patches.megatron.layer import balancer_of
+    from tests.helpers.graphs import capture
+
+    moe_lbl.patch_megatron(kernels=kernels, scope="global")
+    router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / NUM_MICRO_BATCHES)
+    balancer = balancer_of(router)
+
+    def whole_step(*inputs):
+        for j in range(NUM_MICRO_BATCHES):
+            probs, _ = router.routing(inputs[2 * j].detach().requires_grad_(), padding_mask=inputs[2 * j + 1])
+            probs.sum().backward()
+        moe_lbl.end_step(router)
+        return []
+
+    graph, outcomes = None, []
+    for step in range(STEPS):
+        flat = [t for j in range(NUM_MICRO_BATCHES) for t in micro_batch(rank, step, j)]
+        if step == 0:
+            whole_step(*flat)
+        else:
+            graph = graph or capture(whole_step, *flat, state=router.buffers())
+            if step == 2 and rank == 0:
+                balancer.state.forward_counters[0] += 1
+            graph(*flat)
+        try:
+            layer_balance(router.layer_number, balancer)
+            outcomes.append("ok")
+        except MicroBatchMismatch as error:
+            outcomes.append(str(error))
+    moe_lbl.unpatch_megatron()
+    return outcomes
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_mismatch_in_a_replayed_step_surfaces_at_the_next_host_read(path):
+    """Under full_iteration the step's reset is replayed too, and no check runs in it: the
+    replayed close keeps the first disagreeing sum on the device for the next read."""
+    results = spawn(mismatch_worker, 2, PATHS[path])
+    for rank, outcomes in enumerate(results):
+        assert outcomes[:2] == ["ok", "ok"], (rank, outcomes)
+        assert outcomes[2].startswith("moe-lbl: ranks summed the counts of different micro-batches"), (rank, outcomes)
+    assert "this rank sent step 2 (mod 64), micro-batch 1" in results[0][2], results[0][2]
+    assert "this rank sent step 2 (mod 64), micro-batch 0" in results[1][2], results[1][2]
+
+
 @pytest.mark.parametrize("read", [
     lambda x: x.sum().item(), lambda x: int(x[0]), lambda x: bool(x.any()), lambda x: x.tolist(),
     lambda x: torch.equal(x, x), lambda x: x.nonzero(), lambda x: torch.tensor([1.0]) + x,
