@@ -89,6 +89,49 @@ _ROUTING = ("int topk, str score_function, bool use_pre_softmax, int num_groups,
             "float scaling_factor, int block_t, int num_programs, int num_warps")
 
 
+@dataclass(frozen=True)
+class _ForwardPlan:
+    """What a forward call launches, fixed by its specialization (made once per specialization:
+    the per-call Python is then the allocations and the launches)."""
+
+    spec: RoutingSpec
+    launch: Launch
+    tiles: _Tiles
+    separate_aux: bool
+    use_bias: bool
+    constexprs: dict  # router_forward's
+    statistics: dict  # router_statistics' constexprs
+    statistics_programs: int
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def of(num_experts, topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor, block_t,
+           num_programs, num_warps, dtype, has_bias, has_padding, compute_stats, dense, sparse, register, in_forward,
+           sequence, batch) -> "_ForwardPlan":
+        spec = _spec(num_experts, topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
+        launch = _launch(block_t, num_programs, num_warps)
+        tiles = _Tiles.of(spec, launch)
+        use_bias = spec.score_function == "sigmoid" and has_bias  # as Megatron: sigmoid only
+        softmax = spec.score_function == "softmax"
+        # The aux-loss top-k (of fp32 softmax, or of the normalized sigmoid) is the routing top-k
+        # only when both rank the same values: softmax keeps the logits' order, so post-softmax
+        # routing over all experts (or pre-softmax on fp32 logits) ranks what the aux scores rank.
+        separate_aux = spec.grouped or not softmax or (spec.use_pre_softmax and dtype != torch.float32)
+        constexprs = dict(
+            E=num_experts, K=spec.topk, GROUP_TOPK=spec.group_topk or 0, SOFTMAX=softmax,
+            PRE_SOFTMAX=bool(spec.use_pre_softmax), HAS_BIAS=use_bias, HAS_PADDING=has_padding,
+            HAS_SCALING=bool(spec.scaling_factor), LOGIT_BITS=_VALUE_BITS[dtype],
+            SELECT_BITS=32 if use_bias else _VALUE_BITS[dtype],  # bias promotes scores to fp32
+            WRITE_DENSE=dense, WRITE_SPARSE=sparse, COMPUTE_STATS=compute_stats, SEPARATE_AUX_TOPK=separate_aux,
+            **tiles.constexprs())
+        block_e = min(_STATISTICS_BLOCK_E, _power_of_2(num_experts))
+        statistics = dict(E=num_experts, SEPARATE_AUX_TOPK=separate_aux, BLOCK_P=8, BLOCK_E=block_e,
+                          REGISTER=register, IN_FORWARD=in_forward, SEQUENCE=sequence, BATCH=batch,
+                          num_warps=4 if block_e <= 256 else 8)
+        return _ForwardPlan(spec, launch, tiles, separate_aux, use_bias, constexprs, statistics,
+                            _blocks(num_experts, block_e))
+
+
 def _forward(logits, expert_bias, padding_mask, topk, score_function, use_pre_softmax, num_groups, group_topk,
              scaling_factor, block_t, num_programs, num_warps, compute_stats, dense, sparse, counters, tags, slot,
              sequence, batch, in_forward, launches=True):
@@ -96,21 +139,16 @@ def _forward(logits, expert_bias, padding_mask, topk, score_function, use_pre_so
     valid_tokens, z_sum), None where not asked for; with counters, the statistics kernel also
     fills a balancing engine's registration (see router_statistics). launches: whether to launch
     (or record) the kernels, or only allocate the outputs."""
-    spec = _spec(logits.shape[1], topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
-    launch = _launch(block_t, num_programs, num_warps)
     num_tokens, num_experts = logits.shape
-    k, device = spec.topk, logits.device
-    tiles = _Tiles.of(spec, launch)
+    plan = _ForwardPlan.of(num_experts, topk, score_function, use_pre_softmax, num_groups, group_topk,
+                           scaling_factor, block_t, num_programs, num_warps, logits.dtype, expert_bias is not None,
+                           padding_mask is not None, compute_stats, dense, sparse, counters is not None, in_forward,
+                           sequence is not None, batch is not None)
+    k, device = plan.spec.topk, logits.device
     probs = _empty((num_tokens, num_experts), logits.dtype, device) if dense else None
     routing_map = _empty((num_tokens, num_experts), torch.bool, device) if dense else None
     topk_indices = _empty((num_tokens, k), torch.int32, device) if sparse else None
     topk_probs = _empty((num_tokens, k), logits.dtype, device) if sparse else None
-    use_bias = spec.score_function == "sigmoid" and expert_bias is not None  # as Megatron: sigmoid only
-    softmax = spec.score_function == "softmax"
-    # The aux-loss top-k (of fp32 softmax, or of the normalized sigmoid) is the routing top-k
-    # only when both rank the same values: softmax keeps the logits' order, so post-softmax
-    # routing over all experts (or pre-softmax on fp32 logits) ranks what the aux scores rank.
-    separate_aux = spec.grouped or not softmax or (spec.use_pre_softmax and logits.dtype != torch.float32)
     padding = padding_mask.view(torch.uint8) if padding_mask is not None else None
     partials = []
 
@@ -118,37 +156,26 @@ def _forward(logits, expert_bias, padding_mask, topk, score_function, use_pre_so
         partials[:] = [_empty((programs, 2, num_experts), torch.int32, device),
                        _empty((programs, num_experts), torch.float32, device),
                        _empty((programs,), torch.float32, device), _empty((programs,), torch.int32, device)]
-        return (logits, logits.stride(0), num_tokens, expert_bias if use_bias else logits,
-                padding if padding is not None else logits, float(spec.scaling_factor or 1.0),
+        return (logits, logits.stride(0), num_tokens, expert_bias if plan.use_bias else logits,
+                padding if padding is not None else logits, float(plan.spec.scaling_factor or 1.0),
                 probs if dense else logits, routing_map.view(torch.uint8) if dense else logits,
                 topk_indices if sparse else logits, topk_probs if sparse else logits, *partials)
 
-    constexprs = dict(
-        E=num_experts, K=k, GROUP_TOPK=spec.group_topk or 0, SOFTMAX=softmax,
-        PRE_SOFTMAX=bool(spec.use_pre_softmax), HAS_BIAS=use_bias, HAS_PADDING=padding is not None,
-        HAS_SCALING=bool(spec.scaling_factor), LOGIT_BITS=_VALUE_BITS[logits.dtype],
-        SELECT_BITS=32 if use_bias else _VALUE_BITS[logits.dtype],  # bias promotes scores to fp32
-        WRITE_DENSE=dense, WRITE_SPARSE=sparse, COMPUTE_STATS=compute_stats, SEPARATE_AUX_TOPK=separate_aux,
-        **tiles.constexprs())
-    blocks = _blocks(num_tokens, tiles.block_t)
-    programs = launcher.programs(router_forward, blocks, launch.num_programs, device, args, constexprs) if launches \
-        else max(1, blocks)
+    blocks = _blocks(num_tokens, plan.tiles.block_t)
+    programs = launcher.programs(router_forward, blocks, plan.launch.num_programs, device, args,
+                                 plan.constexprs) if launches else max(1, blocks)
     launch_args = args(programs if num_tokens else 0)  # no tokens: no forward program, nothing to sum
     if launches and num_tokens:
-        launcher.launch(router_forward, programs, *launch_args, **constexprs)
+        launcher.launch(router_forward, programs, *launch_args, **plan.constexprs)
     statistics = (None,) * 4
     if compute_stats:
         counts = _empty((2, num_experts), torch.int64, device)
         score_sums = _empty((num_experts,), torch.float32, device)
         valid_tokens, z_sum = _empty((), torch.int64, device), _empty((), torch.float32, device)
         if launches:
-            block_e = min(_STATISTICS_BLOCK_E, _power_of_2(num_experts))
             registration = [counts if t is None else t for t in (counters, tags, slot, sequence, batch)]
-            launcher.launch(router_statistics, _blocks(num_experts, block_e), *partials,
-                            partials[0].shape[0], counts, score_sums, z_sum, valid_tokens, *registration,
-                            E=num_experts, SEPARATE_AUX_TOPK=separate_aux, BLOCK_P=8, BLOCK_E=block_e,
-                            REGISTER=counters is not None, IN_FORWARD=in_forward, SEQUENCE=sequence is not None,
-                            BATCH=batch is not None, num_warps=4 if block_e <= 256 else 8)
+            launcher.launch(router_statistics, plan.statistics_programs, *partials, partials[0].shape[0], counts,
+                            score_sums, z_sum, valid_tokens, *registration, **plan.statistics)
         statistics = (counts, score_sums, valid_tokens, z_sum)
     return (probs, routing_map, topk_indices, topk_probs, *statistics)
 

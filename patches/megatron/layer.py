@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import torch
 
+from moe_lbl import engine
 from moe_lbl.engine import GradScale, LoadBalancer, Report, ZLoss
 from moe_lbl.patches.megatron import live
 from moe_lbl.patches.megatron.compatibility import LOGGING_MODULE
@@ -149,6 +150,12 @@ def layer_of(router) -> Layer:
     its layer number: Megatron sets it after building the router)."""
     layer = find(router)
     if layer is None:
+        if engine.capturing():
+            # Its state would live in the graph's memory pool, made by kernels that replay, and its
+            # kernels would be compiled and loaded while the stream is captured.
+            raise RuntimeError(f"moe-lbl: the router of layer {router.layer_number} first ran inside a CUDA graph "
+                               "capture: run at least one eager training step before capturing (Megatron-Core: "
+                               "cuda_graph_warmup_steps >= 1 with cuda_graph_impl='full_iteration')")
         patch = live.current()
         layer = Layer(router, patch)
         setattr(router, _LAYER, layer)

@@ -252,6 +252,33 @@ def test_a_mismatch_in_a_replayed_step_surfaces_at_the_next_host_read(path):
     assert "this rank sent step 2 (mod 64), micro-batch 0" in results[1][2], results[1][2]
 
 
+def first_call_captured_worker(rank, world_size):
+    import moe_lbl
+    from moe_lbl.demo.tiny_gpt import build_router
+    from moe_lbl.patches.megatron.layer import find
+    from tests.helpers.graphs import capture
+
+    moe_lbl.patch_megatron(scope="global")
+    router = build_router(NUM_EXPERTS, TOPK, moe_aux_loss_coeff=COEFF)
+    logits, padding = micro_batch(rank, 0, 0)
+    try:
+        capture(lambda x, p: router.routing(x.requires_grad_(), padding_mask=p)[0], logits, padding)
+        outcome = "captured"
+    except RuntimeError as error:
+        outcome = str(error)
+    made = find(router) is not None
+    moe_lbl.unpatch_megatron()
+    return outcome, made
+
+
+def test_a_router_first_run_inside_a_capture_is_refused():
+    """Its state would be made by kernels the graph replays (zeroing it at every replay)."""
+    (outcome, made), = spawn(first_call_captured_worker, 1)
+    assert outcome.startswith("moe-lbl: the router of layer 1 first ran inside a CUDA graph capture: run at least "
+                              "one eager training step before capturing"), outcome
+    assert not made
+
+
 @pytest.mark.parametrize("read", [
     lambda x: x.sum().item(), lambda x: int(x[0]), lambda x: bool(x.any()), lambda x: x.tolist(),
     lambda x: torch.equal(x, x), lambda x: x.nonzero(), lambda x: torch.tensor([1.0]) + x,
