@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite: on a fresh GPU machine without network, in one go (under 8 minutes):
-#   1. the CUDA variants of the kernel correctness tests (pytest -m gpu),
+#   1. the CUDA variants of the kernel correctness tests and the CUDA-graph replay of a patched
+#      router against eager (pytest -m gpu),
 #   2. the kernel benchmark at the headline shapes (first calls compile into an empty cache),
 #   3. the throughput benchmark with one data-parallel rank.
 # Everything lands in one folder: bash benchmarks/gpu_suite.sh [OUT_DIR]
@@ -37,7 +38,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
 }
 
 { date -u; nvidia-smi; python -c "import moe_lbl.cli as c; print('\n'.join(c.info_lines()))"; } > "$OUT/environment.txt" 2>&1
-step gpu-tests 200 python -m pytest -q -m gpu tests/kernels/test_topk_router.py -p no:cacheprovider
+step gpu-tests 240 python -m pytest -q -m gpu tests/kernels/test_topk_router.py tests/engine/test_cuda_graphs.py \
+  -p no:cacheprovider
 step kernels 200 python -m benchmarks.kernels --preset headline --out "$OUT"
 step throughput 120 python -m benchmarks.throughput --ranks 1 --hidden-size 512 --layers 4 --experts 64 \
   --topk 4 --seq-length 1024 --micro-batch-size 2 --micro-batches 4 --steps 10 --repeats 3 --out "$OUT"

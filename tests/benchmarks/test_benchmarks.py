@@ -1,12 +1,13 @@
-"""Smoke tests: both benchmarks run at tiny sizes, write their CSV schema, and account for every
-requested provider or mode with a measurement or an explicit reason."""
+"""Smoke tests: the benchmarks run at tiny sizes, write their CSV schema, and account for every
+requested provider, mode or path with a measurement or an explicit reason; the launch counts
+(counts, not timings) stay within their budgets."""
 
 import csv
 import os
 
 import pytest
 
-from benchmarks import kernels, throughput
+from benchmarks import kernels, launches, throughput
 
 
 def read_csv(path):
@@ -51,11 +52,36 @@ def test_throughput_benchmark_accounts_for_every_mode(tmp_path):
     assert float(rows[0]["ratio_to_micro"]) == 1.0
 
 
+@pytest.mark.cpu_harness
+def test_launch_benchmark_counts_every_path_within_the_kernel_budgets(tmp_path):
+    assert launches.main(["--tokens", "32", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    columns, rows = read_csv(tmp_path / "launches.csv")
+    assert columns == launches.COLUMNS
+    assert sorted((r["config"], r["path"]) for r in rows) == sorted(
+        (c.name, p) for c in launches.CONFIGS for p in launches.PATHS)
+    by = {(r["config"], r["path"]): r for r in rows}
+    for config in launches.CONFIGS:
+        def kernels_of(path, config=config):
+            return int(by[config.name, path]["kernels"])
+
+        megatron_loss = kernels_of("megatron aux_loss") - kernels_of("megatron, no balancing loss")
+        for scope in ("micro", "global"):
+            assert kernels_of(f"moe-lbl {scope}, fused") - config.options_kernels <= 4, (config.name, scope)
+            assert int(by[config.name, f"moe-lbl {scope}, fused"]["triton"]) == 4
+            step_kernel = f"moe-lbl {scope}, megatron routing, step kernel"
+            assert kernels_of(step_kernel) - kernels_of("megatron, no balancing loss") <= megatron_loss
+        assert int(by[config.name, "moe-lbl global, fused"]["collectives"]) == 1
+        assert int(by[config.name, "moe-lbl micro, fused"]["collectives"]) == 0
+    text = (tmp_path / "launches.txt").read_text()
+    assert "(budget 4): met" in text and "host time" in text
+
+
 @pytest.mark.parametrize("module,args,error", [
     (kernels, ["--tokens", "0"], "must be >= 1"),
     (kernels, ["--providers", "fast"], "invalid choice"),
     (throughput, ["--ranks", "0"], "ranks must be >= 1"),
     (throughput, ["--topk", "9"], "topk (9) must not exceed num_experts (8)"),
+    (launches, ["--repeats", "0"], "must be >= 1"),
 ])
 def test_bad_arguments_exit_with_a_message(module, args, error, capsys):
     with pytest.raises(SystemExit) as exit_info:
