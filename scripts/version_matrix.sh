@@ -6,6 +6,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 VERSIONS="${MATRIX_VERSIONS:-0.12.3 0.13.1 0.14.0 0.15.3 0.16.1 0.17.1 0.18.2}"
 TESTS="tests/megatron/test_patch_mechanics.py tests/megatron/test_patch_router.py tests/megatron/test_patch_lifecycle.py tests/megatron/test_patch_dp.py"
+# The graph replay tests need padding masks (0.16+); 0.16.1 has the aux-loss tracker of before
+# 0.18 (0.19.2, in the main suite, the metrics tracker). About a minute.
+GRAPH_VERSIONS="${MATRIX_GRAPH_VERSIONS:-0.16.1}"
 status=0
 for version in $VERSIONS; do
   target=".matrix/megatron-core-$version"
@@ -14,6 +17,8 @@ for version in $VERSIONS; do
       && mv "$target.tmp" "$target" || { echo "== megatron-core $version: install failed"; status=1; continue; }
   fi
   echo "== megatron-core $version"
-  PYTHONPATH="$PWD/$target" .venv/bin/python -m pytest -q -p no:cacheprovider $TESTS || status=1
+  tests="$TESTS"
+  case " $GRAPH_VERSIONS " in *" $version "*) tests="$tests tests/megatron/test_graphs.py" ;; esac
+  PYTHONPATH="$PWD/$target" .venv/bin/python -m pytest -q -p no:cacheprovider $tests || status=1
 done
 exit $status
