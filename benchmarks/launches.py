@@ -3,7 +3,9 @@
 One training micro-batch through a Megatron-Core TopKRouter's routing, forward and backward
 (T tokens, one MoE layer), per path: Megatron's routing unpatched with no balancing loss (the
 router's own kernels), with aux_loss and with global_aux_loss; moe-lbl's micro and global scope
-on Megatron's routing and on the fused kernels. Columns:
+on Megatron's routing (in torch operations with kernels=False, or with the engine's backward
+step as its kernel, as kernels='auto' runs a router on CUDA that the fused kernels cannot take)
+and on the fused kernels. Columns:
 
 - kernels: device kernels the call launches: every dispatched aten operation that runs one
   (views and bare allocations excluded), plus each Triton launch; the fused path's operators

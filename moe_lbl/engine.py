@@ -23,8 +23,8 @@ backward computes depends on Python-side history, and neither syncs with the hos
 graph that captured one micro-batch's forward and backward replays them correctly on the next
 ones. Under capture (`capturing()`) each count sum completes inside the forward.
 
-Nothing here knows Megatron: the caller passes process groups, a loss-scale callable and a
-reporting callable.
+Nothing here knows Megatron: the caller passes process groups, how the gradient is scaled
+(GradScale) and where the values go (Report).
 
 Naming convention (one meaning per word, in the code, the docs and the tests):
 - logits: the router's output for each token, [T, N_E].
@@ -219,10 +219,11 @@ class BalanceState:
       sent            registrations in the step (the next one's tag slot)
       forward         registrations in forward (a recompute in backward is none)
       code_base       (step % _TAG_STEPS) * _TAG_SLOTS: the code of the step's first slot
-      skipped         forward registrations never back-propagated, in steps not yet checked
       last_loads [E], last_backpropagated: the last closed step's, for the metrics
       last_pooled [E+1]: the last closed step's buffer (for a graph back-propagated after it)
-      mismatches      count sums whose tags disagreed, in steps not yet checked
+      what the checks read (`checked`), in steps not yet checked:
+      skipped         forward registrations never back-propagated
+      mismatches      count sums whose tags disagreed
       first_mismatch [4]: the first of them, as `received` held it
     tags [_TAG_SLOTS, 3] (int64): the tag [1, code, code^2] each slot sends this step
     received [2, _TAG_SLOTS, 4] (int64): per sum (over the sequence group, over the batch group)
@@ -244,12 +245,10 @@ class BalanceState:
         self.sent = ints[2 * E + 3:2 * E + 4]  # a one-element index
         self.step = ints[:2 * E + 5]  # zeroed when the step ends
         self.code_base = ints[2 * E + 5]
-        self.skipped = ints[2 * E + 6]
-        self.last = ints[2 * E + 7:3 * E + 8]  # last_loads, last_backpropagated
-        self.last_pooled = ints[3 * E + 8:4 * E + 9]
-        self.mismatches = ints[4 * E + 9]
-        self.first_mismatch = ints[4 * E + 10:4 * E + 14]
-        self.checked = ints[2 * E + 6:2 * E + 7], ints[4 * E + 9:4 * E + 14]  # skipped; mismatches, the first
+        self.last = ints[2 * E + 6:3 * E + 7]  # last_loads, last_backpropagated
+        self.last_pooled = ints[3 * E + 7:4 * E + 8]
+        self.checked = ints[4 * E + 8:]  # skipped, mismatches, first_mismatch
+        self.skipped, self.mismatches, self.first_mismatch = self.checked[0], self.checked[1], self.checked[2:]
         self.slots = torch.arange(_TAG_SLOTS, device=device)
         self.tags = torch.stack([torch.ones_like(self.slots), self.slots, self.slots * self.slots], dim=1)
         self.received = torch.zeros(2, _TAG_SLOTS, 4, dtype=torch.int64, device=device)
@@ -608,9 +607,8 @@ class LoadBalancer:
         it outside graphs, the metrics before they read a step): ranks that summed different
         micro-batches raise MicroBatchMismatch, micro-batches never back-propagated warn."""
         state = self.state
-        skipped, mismatches, n, code_sum, _, sent = torch.cat([state.checked[0], state.checked[1]]).tolist()
-        for tensor in state.checked:
-            tensor.zero_()
+        skipped, mismatches, n, code_sum, _, sent = state.checked.tolist()
+        state.checked.zero_()
         if skipped:
             _warn_once("not back-propagated", f"moe-lbl: a layer registered {skipped} micro-batch(es) that were "
                        "never back-propagated (a forward pass in training mode with gradients enabled, such as an "
