@@ -24,11 +24,12 @@ def info_lines() -> list[str]:
     # The PyPI package called "apex" is an unrelated web toolkit: NVIDIA's has apex.normalization.
     apex = ("NVIDIA apex" if importlib.util.find_spec("apex") and importlib.util.find_spec("apex.normalization")
             else "not installed")
-    try:
-        supported = f"yes ({patch.check_megatron_version()})"
+    try:  # the imported megatron.core, which a source checkout first on the path may be
+        install = patch.check_megatron_version()
+        megatron, supported = install.describe(), f"yes ({install.version})"
         changes = ", ".join(patch.replaced_names())
     except patch.UnsupportedMegatronVersion as error:
-        supported, changes = f"no: {error}", "nothing"
+        megatron, supported, changes = "unusable (see patch supported)", f"no: {error}", "nothing"
     from moe_lbl.kernels import interpreting
 
     kernels = ("compiled for CUDA (patch_megatron(kernels='auto') uses them on CUDA logits)"
@@ -40,7 +41,7 @@ def info_lines() -> list[str]:
         f"python             {platform.python_version()} ({sys.executable})",
         f"torch              {installed_version('torch')}",
         f"triton             {installed_version('triton')}",
-        f"megatron-core      {installed_version('megatron-core')}",
+        f"megatron-core      {megatron}",
         f"transformer-engine {installed_version('transformer-engine', 'transformer_engine')}",
         f"apex               {apex}",
         f"CUDA               {cuda}",

@@ -18,6 +18,10 @@ def installed_version(*distributions: str) -> str:
 
 
 def versions() -> str:
-    """"name=version" of each installed package of PACKAGES, space-separated."""
-    found = ((name, installed_version(name)) for name in PACKAGES)
+    """"name=version" of each installed package of PACKAGES, space-separated (megatron-core: the
+    imported one, which a source checkout first on the path may be)."""
+    from moe_lbl.patches.megatron.compatibility import megatron_core_version
+
+    found = ((name, megatron_core_version() or "not installed" if name == "megatron-core" else installed_version(name))
+             for name in PACKAGES)
     return " ".join(f"{name}={version}" for name, version in found if version != "not installed")

@@ -116,12 +116,19 @@ def _is_rank_zero() -> bool:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     import moe_lbl
-    from moe_lbl.patches.megatron import UnsupportedMegatronVersion, megatron_core_version
+    from moe_lbl.patches.megatron import UnsupportedMegatronVersion, megatron_core_install
 
+    script_dir = None
     try:
         options, script, script_args = parse(argv)
+        # The script's directory first on the path, as `python SCRIPT.py` has it, before the patch
+        # imports megatron.core: a Megatron-LM checkout there is then the one patched and run.
+        script_dir = os.path.dirname(os.path.abspath(script))
+        sys.path.insert(0, script_dir)
         applied = moe_lbl.patch_megatron(**options)
     except (UsageError, ValueError, TypeError, UnsupportedMegatronVersion) as error:
+        if script_dir is not None:
+            sys.path.remove(script_dir)
         print(f"moe-lbl run: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     if _is_rank_zero():
@@ -132,10 +139,9 @@ def main(argv=None) -> None:
             kernels = "auto (on: CUDA)" if torch.cuda.is_available() else "auto (off: no CUDA)"
         shown = {option.name: getattr(applied, option.name) for option in OPTIONS}
         shown.update(kernels=kernels, coeff="Megatron's moe_aux_loss_coeff" if applied.coeff is None else applied.coeff)
-        print(f"moe-lbl: patched megatron-core {megatron_core_version()}: "
+        print(f"moe-lbl: patched megatron-core {megatron_core_install().describe()}: "
               + " ".join(f"{name}={value}" for name, value in shown.items()), flush=True)
     sys.argv = [script, *script_args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
 
 

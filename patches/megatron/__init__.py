@@ -31,9 +31,11 @@ from moe_lbl.patches.megatron.compatibility import (
     NEWEST_TESTED_MEGATRON,
     SUPPORTED_MEGATRON,
     Features,
+    MegatronInstall,
     UnsupportedMegatronVersion,
     check_megatron_version,
     features,
+    megatron_core_install,
     megatron_core_version,
 )
 from moe_lbl.patches.megatron.configuration import OPTIONS, PatchOptions, resolve_balance_config
@@ -48,8 +50,9 @@ from moe_lbl.patches.megatron.routing import _routing
 from moe_lbl.patches.megatron.step import _finish_grad_sync, _report, _reset_model_temporary_tensors, iter_balancers
 
 __all__ = [
-    "NEWEST_TESTED_MEGATRON", "SUPPORTED_MEGATRON", "Features", "PatchOptions", "UnsupportedMegatronVersion",
-    "check_megatron_version", "features", "is_patched", "iter_balancers", "megatron_core_version",
+    "NEWEST_TESTED_MEGATRON", "SUPPORTED_MEGATRON", "Features", "MegatronInstall", "PatchOptions",
+    "UnsupportedMegatronVersion", "check_megatron_version", "features", "is_patched", "iter_balancers",
+    "megatron_core_install", "megatron_core_version",
     "patch_megatron", "patch_options", "replaced_names", "replacements", "unpatch_megatron",
 ]
 

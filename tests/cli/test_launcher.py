@@ -98,8 +98,10 @@ def test_unsupported_megatron_fails_before_the_script_starts(tmp_path, monkeypat
     from moe_lbl.patches.megatron import compatibility
 
     script, marker = write_script(tmp_path, "")
-    monkeypatch.setattr(compatibility, "megatron_core_version", lambda: "0.11.0")
+    monkeypatch.setattr(compatibility, "megatron_core_install",
+                        lambda: patch_module.MegatronInstall("0.11.0", "/site/megatron/core", "0.11.0", True))
     with pytest.raises(SystemExit) as exit_info:
         launcher.main(["--", str(script)])
     assert exit_info.value.code == 2 and "megatron-core 0.11.0 is not supported" in capsys.readouterr().err
     assert not marker.exists() and not patch_module.is_patched()
+    assert str(script.parent) not in sys.path  # the script's directory was put first only to patch and run

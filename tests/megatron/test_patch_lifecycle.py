@@ -160,11 +160,14 @@ def test_invalid_arguments_patch_nothing(megatron_world, kwargs, error):
 def test_unsupported_version_patches_nothing(megatron_world, monkeypatch):
     moe_lbl.patch_megatron(scope="micro")
     before = patched_objects()
-    monkeypatch.setattr(compatibility, "megatron_core_version", lambda: "0.11.0")
-    refused = r"megatron-core 0.11.0 is not supported.*" + re.escape(patch_module.SUPPORTED_MEGATRON)
+    old = patch_module.MegatronInstall("0.11.0", "/checkout/megatron/core", distribution="0.19.2")
+    monkeypatch.setattr(compatibility, "megatron_core_install", lambda: old)
+    refused = (r"megatron-core 0.11.0 \(imported from /checkout/megatron/core; the installed distribution "
+               r"megatron-core 0.19.2 is not the one that runs\) is not supported.*"
+               + re.escape(patch_module.SUPPORTED_MEGATRON))
     with pytest.raises(patch_module.UnsupportedMegatronVersion, match=refused):
         moe_lbl.patch_megatron(scope="global")
-    monkeypatch.setattr(compatibility, "megatron_core_version", lambda: None)
+    monkeypatch.setattr(compatibility, "megatron_core_install", lambda: None)
     with pytest.raises(patch_module.UnsupportedMegatronVersion, match="megatron-core is not installed"):
         moe_lbl.patch_megatron(scope="global")
     monkeypatch.undo()
