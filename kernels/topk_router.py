@@ -53,7 +53,7 @@ from moe_lbl.kernels.topk_router_details._spec import (
 
 __all__ = ["FUSED_SCORE_FUNCTIONS", "MAX_EXPERTS", "MAX_TOPK", "SUPPORTED_DTYPES", "Launch", "Registration",
            "RouterOutput", "RouterStats", "RoutingSpec", "fused_topk_router", "load_router",
-           "topk_routing_with_score_function"]
+           "specialization_key", "topk_routing_with_score_function"]
 
 
 @dataclass
@@ -216,13 +216,7 @@ def load_router(logits: torch.Tensor, topk: int, *, gradients: tuple[str, ...] =
     Tensor options (expert_bias, padding_mask, a registration's) only need the right shape and
     dtype: everything is traced on meta tensors.
     """
-    unknown = set(gradients) - set(DIFFERENTIABLE_OUTPUTS)
-    if unknown:
-        raise ValueError(f"unknown gradients {sorted(unknown)}: choose from {', '.join(DIFFERENTIABLE_OUTPUTS)}")
-    num_tokens, num_experts = logits.shape
-    described = tuple(sorted((name, _describe(value)) for name, value in options.items()))
-    key = (logits.device, logits.dtype, num_experts, topk, triton_compat.integer_specialization(num_tokens),
-           triton_compat.integer_specialization(logits.stride(0)), tuple(sorted(gradients)), described)
+    key = specialization_key(logits, topk, gradients=gradients, **options)
     if key not in _loads:
         try:
             _compile_and_load(logits, topk, gradients, options)
@@ -231,6 +225,18 @@ def load_router(logits: torch.Tensor, topk: int, *, gradients: tuple[str, ...] =
             _loads[key] = error
     if _loads[key] is not None:
         raise _loads[key]
+
+
+def specialization_key(logits: torch.Tensor, topk: int, *, gradients: tuple[str, ...] = (), **options) -> tuple:
+    """What fused_topk_router(logits, topk, **options) and the backward receiving `gradients`
+    compile for, on the device of `logits`: calls with equal keys run the same compiled kernels."""
+    unknown = set(gradients) - set(DIFFERENTIABLE_OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown gradients {sorted(unknown)}: choose from {', '.join(DIFFERENTIABLE_OUTPUTS)}")
+    num_tokens, num_experts = logits.shape
+    described = tuple(sorted((name, _describe(value)) for name, value in options.items()))
+    return (logits.device, logits.dtype, num_experts, topk, triton_compat.integer_specialization(num_tokens),
+            triton_compat.integer_specialization(logits.stride(0)), tuple(sorted(gradients)), described)
 
 
 def _describe(value):

@@ -1,7 +1,8 @@
 """TopKRouter.routing, patched: Megatron's routing or the fused kernels, and the recorded loads.
 
-kernels='auto' fuses routers on CUDA logits where the kernels implement the router's options and
-compile for its GPU; elsewhere Megatron's routing runs, with one warning per reason.
+kernels='auto' fuses routers on CUDA logits where the kernels implement the router's options,
+compile for its GPU and pass their first-use check there (first_use.py); elsewhere Megatron's
+routing runs, with one warning per reason.
 kernels=True raises the reason instead. Only this module knows the kernels.
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from moe_lbl.patches.megatron import live
 from moe_lbl.patches.megatron.configuration import balancing_types
+from moe_lbl.patches.megatron.first_use import first_use_failure
 from moe_lbl.patches.megatron.layer import Layer, layer_of
 
 # Balancing types the fused path computes; any other (sinkhorn, quantile balancing, a newer
@@ -56,7 +58,7 @@ def _fused_call(router, layer: Layer, logits, padding_mask, patch: live.LivePatc
         raise RuntimeError("patch_megatron(kernels=True) needs CUDA logits (or TRITON_INTERPRET=1 on CPU)")
     reason = _fused_unsupported(router, logits, patch)
     call = None if reason else _kernel_call(router, layer, logits, padding_mask)
-    reason = reason or _load_failure(router, call)
+    reason = reason or _load_failure(router, call) or first_use_failure(router, layer, call)
     if reason is None:
         return call
     if mode is True:
@@ -101,11 +103,11 @@ def _kernel_call(router, layer: Layer, logits, padding_mask) -> KernelCall:
         num_groups=config.moe_router_num_groups, group_topk=config.moe_router_group_topk,
         scaling_factor=config.moe_router_topk_scaling_factor, expert_bias=router.expert_bias,
         padding_mask=padding_mask, compute_stats=training, dense=True, sparse=False, registration=registration)
-    return KernelCall(_kernel_logits(router, layer, logits.view(-1, config.num_moe_experts)), logits.dtype,
+    return KernelCall(kernel_logits(router, layer, logits.view(-1, config.num_moe_experts)), logits.dtype,
                       padding_mask, options, gradients, z_coeff)
 
 
-def _kernel_logits(router, layer: Layer, logits):
+def kernel_logits(router, layer: Layer, logits):
     """The logits the kernels route: fp32 where Megatron routes 16-bit logits in fp32 (0.18+),
     else as they are (the kernels round scores to the logits dtype, as Megatron did before).
 

@@ -11,12 +11,14 @@ the replayed kernels; a capture executes nothing. Here:
   tensors restored afterwards (what the trace ran does not count, as a capture runs nothing).
   Calling the result replays the record on new inputs without running fn's Python.
 - `SyncGuard()`: a dispatch mode that fails on any op that waits for the host (a value read
-  back, a data-dependent shape, host data copied to the device), which a capture refuses.
+  back, a data-dependent shape, host data copied to the device), which a capture refuses; the
+  fused router's first-use check, which runs once per specialization outside captures, may.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, Iterable
 
 import torch
@@ -24,6 +26,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_lbl.engine as engine
+from moe_lbl.patches.megatron import first_use
 
 # Ops that need the host: a value read back (item, int, bool, tolist go through
 # _local_scalar_dense on a device), data-dependent shapes, comparisons returning a Python bool,
@@ -36,12 +39,24 @@ class HostSync(AssertionError):
     pass
 
 
+def _in_first_use_check() -> bool:
+    """Whether the fused router's first-use check is running: it reads its verdict on the host
+    by design, once per specialization, before the kernels serve it (and never inside a capture)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename == first_use.__file__ and frame.f_code.co_name == "first_use_failure":
+            return True
+        frame = frame.f_back
+    return False
+
+
 class SyncGuard(TorchDispatchMode):
-    """Fails on any op that waits for the host. On CPU, Tensor.tolist and Tensor.numpy read
-    memory without dispatching, so they are refused too while the guard is on."""
+    """Fails on any op that waits for the host, except in the fused router's first-use check.
+    On CPU, Tensor.tolist and Tensor.numpy read memory without dispatching, so they are refused
+    too while the guard is on."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in HOST_SYNCS:
+        if func.overloadpacket.__name__ in HOST_SYNCS and not _in_first_use_check():
             raise HostSync(f"{func} needs the host")
         return func(*args, **(kwargs or {}))
 
@@ -49,7 +64,11 @@ class SyncGuard(TorchDispatchMode):
         self._saved = torch.Tensor.tolist, torch.Tensor.numpy
 
         def refuse(name):
+            original = getattr(torch.Tensor, name)
+
             def method(*args, **kwargs):
+                if _in_first_use_check():
+                    return original(*args, **kwargs)
                 raise HostSync(f"Tensor.{name} needs the host")
             return method
 

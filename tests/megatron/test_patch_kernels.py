@@ -160,7 +160,8 @@ def test_fused_router_routes_bf16_logits_after_softmax_as_megatron(megatron_worl
                         lambda logits, *a, **k: routed_dtypes.append(logits.dtype) or route(logits, *a, **k))
     unfused = run(name, False, logits, [None, None], weight)
     fused = run(name, True, logits, [None, None], weight)
-    assert routed_dtypes == [torch.bfloat16] * 2  # no fp32 copy of the logits
+    # No fp32 copy of the logits (two micro-batches, and the first-use check's probe where it ran).
+    assert len(routed_dtypes) >= 2 and set(routed_dtypes) == {torch.bfloat16}
     for x, want, got in zip(logits, unfused.micro_batches, fused.micro_batches):
         top = torch.sort(x.reshape(-1, 8).float(), dim=-1, descending=True).values
         untied = top[:, 1] != top[:, 2]
