@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The GPU suite: on a fresh GPU machine without network, in one go (under 8 minutes):
-#   1. the CUDA variants of the kernel correctness tests and the CUDA-graph replay of a patched
-#      router against eager (pytest -m gpu),
-#   2. the kernel benchmark at the headline shapes (first calls compile into an empty cache),
-#   3. the throughput benchmark with one data-parallel rank.
-# Everything lands in one folder: bash benchmarks/gpu_suite.sh [OUT_DIR]
+# The GPU suite: `moe-lbl selftest` on a fresh GPU machine without network (its kernel matrix,
+# the patched router with kernels="auto", the CUDA-graph replay, the headline microbenchmark with
+# first calls compiling into an empty cache), then the throughput benchmark with one
+# data-parallel rank; under 8 minutes. Everything lands in one folder:
+#   bash benchmarks/gpu_suite.sh [OUT_DIR]
 #
 # Needs python, torch, triton and pytest on the machine; other packages come as wheels in .whl/
 # (never from the network), built where a registry is reachable:
@@ -38,10 +37,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
 }
 
 { date -u; nvidia-smi; python -c "import moe_lbl.cli as c; print('\n'.join(c.info_lines()))"; } > "$OUT/environment.txt" 2>&1
-step gpu-tests 240 python -m pytest -q -m gpu tests/kernels/test_topk_router.py tests/engine/test_cuda_graphs.py \
-  -p no:cacheprovider
-step kernels 200 python -m benchmarks.kernels --preset headline --out "$OUT"
-step throughput 120 python -m benchmarks.throughput --ranks 1 --hidden-size 512 --layers 4 --experts 64 \
+step selftest 360 python -m moe_lbl.cli selftest --out "$OUT"
+step throughput 90 python -m benchmarks.throughput --ranks 1 --hidden-size 512 --layers 4 --experts 64 \
   --topk 4 --seq-length 1024 --micro-batch-size 2 --micro-batches 4 --steps 10 --repeats 3 --out "$OUT"
 echo "results in $OUT (exit $status)"
 exit $status

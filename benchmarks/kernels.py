@@ -1,13 +1,8 @@
 """Router microbenchmarks: the same work by each provider, side by side.
 
-The work, for logits [T, E]: top-k routing (probs and routing map), the aux-loss scores and their
-top-k counts, the load-balancing loss and the z-loss; backward: the logits gradient of
-sum(probs * g) + LBL + z-loss. Providers:
-
-- moe-lbl:  the fused Triton kernels (CUDA only; the CPU interpreter is not benchmarked)
-- eager:    Megatron-Core's PyTorch functions
-- compiled: torch.compile of the eager path
-- te:       TransformerEngine's fused router functions (z-loss eager), where importable
+The work and the providers (moe-lbl, Megatron eager, torch.compile of it, TransformerEngine)
+are moe_lbl.selftest.speed's, which `moe-lbl selftest` times at the headline shapes; here over
+any shapes and ops (forward, backward, both), with a CSV and a plot.
 
     python -m benchmarks.kernels --preset headline --out benchmarks/results/run
 """
@@ -17,8 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from typing import Callable, Optional
 
 import torch
 
@@ -32,8 +25,8 @@ from benchmarks.common import (
     versions,
     write_csv,
 )
+from moe_lbl.selftest.speed import PROVIDERS, availability, backward_of, bytes_moved, first_call_s, provider_fn
 
-PROVIDERS = ("moe-lbl", "eager", "compiled", "te")
 OPS = ("fwd", "bwd", "both")
 COLUMNS = ["provider", "op", "score_function", "tokens", "experts", "topk", "dtype", "median_ms", "p20_ms",
            "p80_ms", "gbps", "floor_ms", "of_floor", "speedup_vs_eager", "first_call_s", "status", "card", "versions",
@@ -44,121 +37,22 @@ PRESETS = {
     "sweep": dict(tokens=[1024, 4096, 16384, 65536, 262144], experts=[8, 64, 128, 160, 256],
                   topk=[1, 2, 4, 8], dtypes=["fp32", "bf16"]),
 }
-COEFF, Z_COEFF = 1e-2, 1e-3
 
 
-def _eager(logits, k, score_function):
-    from megatron.core.transformer.moe.moe_utils import (
-        compute_routing_scores_for_aux_loss,
-        switch_load_balancing_loss_func,
-        topk_routing_with_score_function,
-        z_loss_func,
-    )
-
-    num_tokens, num_experts = logits.shape
-    probs, routing_map = topk_routing_with_score_function(logits, k, score_function=score_function,
-                                                          use_pre_softmax=k == 1)
-    aux_map, scores = compute_routing_scores_for_aux_loss(logits, k, score_function)
-    counts = aux_map.sum(dim=0)
-    lbl = switch_load_balancing_loss_func(scores, counts, num_tokens, k, num_experts, COEFF)
-    return probs, routing_map, counts, lbl, z_loss_func(logits, Z_COEFF)
-
-
-def _te(logits, k, score_function):
-    from megatron.core.transformer.moe.moe_utils import z_loss_func
-    from transformer_engine.pytorch.router import (
-        fused_compute_score_for_moe_aux_loss,
-        fused_moe_aux_loss,
-        fused_topk_with_score_function,
-    )
-
-    num_tokens, num_experts = logits.shape
-    probs, routing_map = fused_topk_with_score_function(
-        logits=logits, topk=k, use_pre_softmax=k == 1, num_groups=None, group_topk=None,
-        scaling_factor=None, score_function=score_function, expert_bias=None)
-    aux_map, scores = fused_compute_score_for_moe_aux_loss(logits=logits, topk=k, score_function=score_function)
-    counts = aux_map.sum(dim=0)
-    lbl = fused_moe_aux_loss(probs=scores, tokens_per_expert=counts, total_num_tokens=num_tokens,
-                             num_experts=num_experts, topk=k, coeff=COEFF)
-    return probs, routing_map, counts, lbl, z_loss_func(logits, Z_COEFF)
-
-
-def _fused(logits, k, score_function):
-    from moe_lbl.kernels import fused_topk_router
-
-    num_tokens, num_experts = logits.shape
-    out = fused_topk_router(logits, k, score_function=score_function, use_pre_softmax=k == 1, sparse=False)
-    lbl = (out.stats.score_sums * out.stats.aux_counts).sum() * (COEFF * num_experts / (k * num_tokens * num_tokens))
-    z = out.stats.z_sum * (Z_COEFF / num_tokens)
-    return out.probs, out.routing_map, out.stats.aux_counts, lbl, z
-
-
-def availability(provider: str) -> Optional[str]:
-    """None if the provider can run here, else why not."""
-    if provider == "moe-lbl" and not torch.cuda.is_available():
-        return "unavailable: the Triton kernels need a CUDA device (the CPU interpreter is not benchmarked)"
-    if provider == "te":
-        try:
-            import transformer_engine.pytorch.router  # noqa: F401
-        except Exception as error:  # ImportError, or a broken TE install
-            return f"unavailable: TransformerEngine's router cannot be imported ({type(error).__name__})"
-    if provider in ("eager", "compiled", "te"):
-        try:
-            import megatron.core.transformer.moe.moe_utils  # noqa: F401
-        except ImportError:
-            return "unavailable: megatron-core is not installed"
-    return None
-
-
-_COMPILED = {}
-
-
-def provider_fn(provider: str) -> Callable:
-    if provider == "compiled":
-        if "fn" not in _COMPILED:
-            # The bwd timing back-propagates one graph repeatedly (retain_graph), which compiled
-            # graphs refuse while they donate their buffers.
-            torch._functorch.config.donated_buffer = False
-            _COMPILED["fn"] = torch.compile(_eager, dynamic=True)
-        return _COMPILED["fn"]
-    return {"moe-lbl": _fused, "eager": _eager, "te": _te}[provider]
-
-
-def bytes_moved(op: str, tokens: int, experts: int, dtype: torch.dtype) -> int:
-    """Essential traffic: forward reads logits, writes probs and the bool map; backward reads
-    logits and the probs gradient, writes the logits gradient."""
-    size = torch.finfo(dtype).bits // 8
-    forward = tokens * experts * (2 * size + 1)
-    backward = tokens * experts * 3 * size
-    return {"fwd": forward, "bwd": backward, "both": forward + backward}[op]
-
-
-def _first_call_s(fn, logits, grad, k, score_function) -> float:
-    """Seconds of the first forward and backward at this shape: compiling included (Triton's
-    kernels, torch.compile's graph; from an empty cache only if Triton's cache is empty)."""
-    sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    probs, _, _, lbl, z = fn(logits, k, score_function)
-    torch.autograd.backward([probs, lbl, z], [grad, torch.ones_like(lbl), torch.ones_like(z)])
-    sync()
-    return time.perf_counter() - start
+def _routing(k: int, score_function: str) -> dict:
+    return dict(score_function=score_function, use_pre_softmax=k == 1)
 
 
 def _timed(fn, op, logits, grad, k, score_function):
     def forward():
-        return fn(logits, k, score_function)
-
-    def backward_of(outputs):
-        probs, _, _, lbl, z = outputs
-        torch.autograd.backward([probs, lbl, z], [grad, torch.ones_like(lbl), torch.ones_like(z)], retain_graph=True)
+        return fn(logits, k, _routing(k, score_function))
 
     if op == "fwd":
         return measure_ms(forward)  # with autograd recording, as in training
     if op == "bwd":
         outputs = forward()
-        return measure_ms(lambda: backward_of(outputs))
-    return measure_ms(lambda: backward_of(forward()))
+        return measure_ms(lambda: backward_of(outputs, grad, retain_graph=True))
+    return measure_ms(lambda: backward_of(forward(), grad, retain_graph=True))
 
 
 def run(providers, ops, tokens, experts, topk, dtypes, score_function, command) -> tuple[list[dict], float]:
@@ -184,7 +78,8 @@ def run(providers, ops, tokens, experts, topk, dtypes, score_function, command) 
                         first_call = ""
                         if not reason:
                             try:
-                                seconds = _first_call_s(provider_fn(provider), logits, grad, k, score_function)
+                                routing = _routing(k, score_function)
+                                seconds = first_call_s(provider_fn(provider), logits, grad, k, routing)
                                 first_call = f"{seconds:.3f}"
                             except Exception as error:  # the timed runs below report it
                                 first_call = f"failed: {type(error).__name__}"

@@ -1,5 +1,5 @@
-"""The `moe-lbl` command line: `info` for bug reports, `demo` for the main job, `run` to launch
-a training script with the patch applied."""
+"""The `moe-lbl` command line: `info` and `selftest` for bug reports, `demo` for the main job,
+`run` to launch a training script with the patch applied."""
 
 from __future__ import annotations
 
@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     commands.add_parser("run", help="run a training script with the patch applied: "
                                     "moe-lbl run [options] -- SCRIPT.py [args]")
     commands.add_parser("info", help="versions, CUDA and patch support, for bug reports")
+    selftest = commands.add_parser("selftest", help="check the kernels and the patch on this machine, with a report "
+                                                    "to attach to a bug")
+    selftest.add_argument("--out", default="moe-lbl-selftest", help="folder for selftest.md and selftest.csv")
     demo = commands.add_parser("demo", help="micro vs global balance on a mixed-domain corpus, on CPU")
     from moe_lbl.demo.compare import DemoOptions
     from moe_lbl.demo.corpus import DOMAINS
@@ -132,6 +135,10 @@ def main(argv=None) -> int:
     if args.command == "info":
         print("\n".join(info_lines()))
         return 0
+    if args.command == "selftest":
+        from moe_lbl.selftest import main as selftest
+
+        return selftest(args.out)
     return _demo(args)
 
 
