@@ -52,8 +52,8 @@ def te(logits, k, routing):
     )
 
     num_tokens, num_experts = logits.shape
-    options = dict(use_pre_softmax=False, num_groups=None, group_topk=None, scaling_factor=None, expert_bias=None,
-                   **routing)
+    options = {**dict(use_pre_softmax=False, num_groups=None, group_topk=None, scaling_factor=None, expert_bias=None),
+               **routing}
     probs, routing_map = fused_topk_with_score_function(logits=logits, topk=k, **options)
     aux_map, scores = fused_compute_score_for_moe_aux_loss(logits=logits, topk=k,
                                                            score_function=routing["score_function"])
