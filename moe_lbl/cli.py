@@ -103,10 +103,10 @@ def main(argv=None) -> int:
     selftest = commands.add_parser("selftest", help="check the kernels and the patch on this machine, with a report "
                                                     "to attach to a bug")
     selftest.add_argument("--out", default="moe-lbl-selftest", help="folder for selftest.md and selftest.csv")
-    demo = commands.add_parser("demo", help="micro vs global balance on a mixed-domain corpus, on CPU")
-    from moe_lbl.demo.compare import DemoOptions
+    demo = commands.add_parser("demo", help="balance batch size from micro-batch to global batch, on a mixed-domain "
+                                            "corpus, on CPU")
+    from moe_lbl.demo.compare import BALANCES, DemoOptions
     from moe_lbl.demo.corpus import DOMAINS
-    from moe_lbl.engine import SCOPES
 
     defaults = DemoOptions()
     demo.add_argument("--steps", type=int, default=defaults.steps)
@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     demo.add_argument("--topk", type=int, default=defaults.topk)
     demo.add_argument("--coeff", type=float, default=defaults.coeff, help="load-balancing loss coefficient")
     demo.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
-    demo.add_argument("--scopes", nargs="+", default=list(defaults.scopes), choices=SCOPES)
+    demo.add_argument("--scopes", nargs="+", default=list(defaults.scopes), choices=list(BALANCES),
+                      help="the balances to train: " + "; ".join(f"{name}: {b.label}" for name, b in BALANCES.items()))
     demo.add_argument("--domains", nargs="+", default=list(DOMAINS),
                       help=f"corpus domains, from {', '.join(DOMAINS)}")
     demo.add_argument("--out", default=defaults.out, help="folder for the table, heatmaps and wandb runs")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from moe_lbl.demo.compare import DemoOptions, _train_rank
+from moe_lbl.demo.compare import BALANCES, DemoOptions, _train_rank, silence_known_notices
 from moe_lbl.demo.tiny_gpt import spawn
 
 pytestmark = pytest.mark.cpu_harness
@@ -32,26 +32,66 @@ def test_training_with_dp2_reduces_loss_and_reports_balance(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["routing_global_seed0.json"]
 
 
-def test_two_step_demo_writes_table_heatmaps_and_wandb_runs(tmp_path):
-    result = moe_lbl("demo", "--steps", "2", "--seeds", "0", "--micro-batches", "1", "--seq-length", "16",
+def test_two_step_demo_writes_the_three_balances_trend_heatmaps_and_wandb_runs(tmp_path):
+    result = moe_lbl("demo", "--steps", "2", "--seeds", "0", "1", "--micro-batches", "2", "--seq-length", "16",
                      "--experts", "4",
                      "--out", str(tmp_path), env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Apex is not installed" not in result.stderr  # known warnings are not shown
+    for notice in ("Apex is not installed", "absl.logging is not installed", "GPTModel IS DEPRECATED"):
+        assert notice not in result.stderr  # known upstream notices are not shown
+    header = result.stdout.splitlines()[[i for i, line in enumerate(result.stdout.splitlines())
+                                         if line.lstrip().startswith("micro")][-1]].split()
+    assert header == ["micro", "global-no-buffer", "global"]
+    sizes = next(line for line in result.stdout.splitlines() if line.startswith("balance tokens")).split()[2:]
+    assert sizes == ["32", "64", "128"]  # 2 x 16 tokens a micro-batch; x 2 ranks; x 2 micro-batches
     for line in ("val loss", "loss code", "loss arithmetic", "MaxVio micro", "MaxVio global", "max freq",
-                 "top-k score", "divergence", "s/step", "global - micro, val loss, per seed: "):
+                 "top-k score", "divergence", "s/step (CPU)", "global-no-buffer - micro, val loss, per seed: ",
+                 "global - micro, divergence, per seed: ", "It is not the method's cost"):
         assert line in result.stdout
     assert (tmp_path / "summary.txt").read_text().startswith(" ")
-    for scope in ("micro", "global"):
+    assert (tmp_path / "balance_trend.png").stat().st_size > 10000
+    for scope in ("micro", "global-no-buffer", "global"):
         assert (tmp_path / f"expert_frequency_{scope}.png").stat().st_size > 1000
+        assert (tmp_path / f"routing_{scope}_seed1.json").exists()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2
+    assert len(runs) == 6
     analyzed = moe_lbl("analyze", str(tmp_path / "routing_global_seed0.json"))
     assert analyzed.returncode == 0 and "max frequency" in analyzed.stdout and "domain divergence" in analyzed.stdout
     for domain in ("code", "english", "arithmetic", "data"):
         assert domain in analyzed.stdout
     bad = moe_lbl("analyze", str(tmp_path / "summary.txt"))
     assert bad.returncode == 2 and "summary.txt" in bad.stderr
+
+
+def test_balance_batch_sizes_follow_the_scope_and_the_buffer():
+    options = DemoOptions(ranks=2, micro_batches=4, micro_batch_size=2, seq_length=64)
+    assert {name: balance.tokens(options) for name, balance in BALANCES.items()} == {
+        "micro": 128, "global-no-buffer": 256, "global": 1024}
+    assert DemoOptions().scopes == ("micro", "global-no-buffer", "global")
+
+
+def test_only_the_known_notices_are_silenced():
+    import logging
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        silence_known_notices()
+        warnings.warn("Apex is not installed, so ...", UserWarning, stacklevel=1)
+        warnings.warn("moe-lbl: something of our own", UserWarning, stacklevel=1)
+        warnings.warn("a new upstream notice", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["moe-lbl: something of our own", "a new upstream notice"]
+    logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        logger.warning("GPTModel IS DEPRECATED. GPTModel is only accepting critical bug fixes")
+        logger.warning("another GPTModel warning")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["another GPTModel warning"]
 
 
 def moe_lbl(*args, env=None):
