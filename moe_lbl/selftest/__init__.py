@@ -123,8 +123,11 @@ def main(out: str) -> int:
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined
-        if "moe_lbl.kernels" in sys.modules and os.environ["TRITON_INTERPRET"] != "1":
-            print("moe-lbl selftest: no CUDA and TRITON_INTERPRET is not 1: the kernels cannot run", file=sys.stderr)
+        from moe_lbl.kernels import interpreting
+
+        if not interpreting():
+            print("moe-lbl selftest: no CUDA, and the kernels were defined without TRITON_INTERPRET=1 (set it "
+                  "before moe_lbl.kernels is imported): they cannot run here", file=sys.stderr)
             return 2
     env = environment()
     print(f"moe-lbl selftest: {env['card']}; {env['versions']}", flush=True)

@@ -36,7 +36,7 @@ INTERPRETER_ROUTERS = {
 TOKENS = 64
 
 
-def _run(config: dict, kernels, device) -> list:
+def _run(config: dict, kernels, device: torch.device) -> list:
     """[(probs, routing_map, logits gradient)] of two micro-batches of one step."""
     import moe_lbl
     from moe_lbl.demo.tiny_gpt import build_router
@@ -44,7 +44,7 @@ def _run(config: dict, kernels, device) -> list:
     moe_lbl.patch_megatron(kernels=kernels, scope="global")
     try:
         torch.manual_seed(3)
-        router = build_router(**config)
+        router = build_router(**config).to(device)  # Megatron moves the weight only in gating()
         if router.expert_bias is not None:
             router.expert_bias.copy_(torch.linspace(-0.05, 0.05, router.expert_bias.numel()))
         g = torch.Generator().manual_seed(5)
@@ -97,9 +97,9 @@ def check_first_use_cost(config: dict, cuda: bool) -> str:
 
     moe_lbl.patch_megatron(kernels="auto" if cuda else True, scope="global")
     try:
-        router = build_router(**config)
-        layer = layer_of(router).refresh(router)
         device = torch.device("cuda" if cuda else "cpu")
+        router = build_router(**config).to(device)
+        layer = layer_of(router).refresh(router)
         call = routing._kernel_call(router, layer, torch.randn(4096, config["num_experts"], device=device), None)
         if cuda:
             torch.cuda.synchronize()

@@ -167,8 +167,8 @@ def checks(cuda: bool) -> Iterator[Check]:
                                 lambda fn=fn, logits=logits, grad=grad, k=k, routing=routing:
                                 backward_of(fn(logits, k, routing), grad))
                         except Exception as error:  # reported, the others still measured
-                            yield Check(SECTION, f"{provider}, {config}", "FAIL", f"{type(error).__name__}: {error}",
-                                        time.perf_counter() - start)
+                            detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+                            yield Check(SECTION, f"{provider}, {config}", "FAIL", detail, time.perf_counter() - start)
                             continue
                         times[provider] = median
                         moved = bytes_moved("both", num_tokens, num_experts, torch.bfloat16)

@@ -11,7 +11,9 @@ score sums, the z-loss sum, the registration the statistics kernel fills, and th
 of a random mix of the gradients the layer's backward receives.
 
 Ties: torch.topk orders exactly tied scores as it likes, so rows whose k-th and (k+1)-th scores
-(or group scores) lie within TIE_ULPS of each other are drawn again until none is left.
+(or group scores) lie within TIE_ULPS of each other (are equal, where softmax after top-k
+chooses by the logits themselves) are drawn again until none is left; a check that cannot run
+(no tie-free probe in MAX_DRAWS draws, an error) refuses the kernels as a disagreement does.
 
 Cost: one forward and one backward of PROBE_TOKENS tokens through both routings, with a few
 host reads, once per specialization and device; the probe shares the layer's compile key where
@@ -68,7 +70,10 @@ def first_use_failure(router, layer, call) -> Optional[str]:
         if capturing():
             return ("its first-use check would fall inside a CUDA graph capture (it reads results on the host); "
                     "run one eager step first (cuda_graph_warmup_steps >= 1)")
-        _verdicts[key] = check(router, layer, call)
+        try:
+            _verdicts[key] = check(router, layer, call)
+        except Exception as error:  # a check that cannot run does not vouch for the kernels
+            _verdicts[key] = Mismatch("the check itself", f"{type(error).__name__}: {error}")
     verdict = _verdicts[key]
     if verdict is None:
         return None
@@ -153,8 +158,12 @@ def _tie_free_logits(router, layer, call, num_tokens, bias, generator) -> torch.
             expert_bias=None if bias is None else bias.cpu())
         select_dtype = torch.float32 if bias is not None else routed_dtype
         aux_dtype = torch.float32 if options["score_function"] == "softmax" else routed_dtype
-        tied = _near_ties(reference.select, router.topk, select_dtype) | _near_ties(
-            reference.aux_scores, router.topk, aux_dtype)
+        # Softmax after top-k chooses by the logits themselves: both sides compare the same
+        # values, so only exact ties can order differently (16-bit logits of many experts have
+        # near ties in almost every row).
+        by_logits = options["score_function"] == "softmax" and not options["use_pre_softmax"]
+        tied = (_near_ties(reference.select, router.topk, select_dtype, 0 if by_logits else TIE_ULPS)
+                | _near_ties(reference.aux_scores, router.topk, aux_dtype))
         if reference.group_scores is not None:
             tied |= _near_ties(reference.group_scores, options["group_topk"], select_dtype)
         rows = rows[tied]
@@ -164,15 +173,15 @@ def _tie_free_logits(router, layer, call, num_tokens, bias, generator) -> torch.
     raise RuntimeError(f"the first-use check drew no probe free of ties in {MAX_DRAWS} draws")
 
 
-def _near_ties(values: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows whose k-th and (k+1)-th largest values are within TIE_ULPS ulps of dtype."""
+def _near_ties(values: torch.Tensor, k: int, dtype: torch.dtype, ulps: float = TIE_ULPS) -> torch.Tensor:
+    """Rows whose k-th and (k+1)-th largest values are within `ulps` ulps of dtype (0: equal)."""
     if k >= values.shape[-1]:
         return torch.zeros(values.shape[0], dtype=torch.bool)
     top = torch.sort(values.double(), dim=-1, descending=True).values
     kth, next_ = top[:, k - 1], top[:, k]
     finite = torch.isfinite(kth) & torch.isfinite(next_)
     gap = torch.where(finite, kth - next_, torch.full_like(kth, float("inf")))
-    return gap <= TIE_ULPS * _ulp(kth.abs(), dtype)
+    return gap <= ulps * _ulp(kth.abs(), dtype)
 
 
 def _ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

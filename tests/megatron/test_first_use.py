@@ -174,3 +174,31 @@ def test_an_unchecked_specialization_inside_a_capture_is_not_checked_there(megat
                                                       r"\(it reads results on the host\); run one eager step first"):
         route(router, tokens=23)
     assert len(fresh_verdicts) == 1
+
+
+def test_a_check_that_cannot_run_refuses_the_kernels(megatron_world, fresh_verdicts, auto_on_cpu, monkeypatch):
+    def no_probe(*args):
+        raise RuntimeError("the first-use check drew no probe free of ties in 64 draws")
+
+    monkeypatch.setattr(first_use, "_tie_free_logits", no_probe)
+    _, want = routed("softmax", False)
+    moe_lbl.unpatch_megatron()
+    with pytest.warns(UserWarning, match=r"disagrees with Megatron's routing, the check itself: RuntimeError: the "
+                                         r"first-use check drew no probe free of ties"):
+        _, got = routed("softmax", "auto")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_many_experts_in_bf16_still_give_a_tie_free_probe(megatron_world):
+    """Softmax after top-k compares the bf16 logits themselves: near ties there are no ties (with
+    1024 experts almost every row has one), only equal logits are."""
+    from moe_lbl.patches.megatron.layer import layer_of
+
+    moe_lbl.patch_megatron(kernels=True)
+    for experts, topk in ((1024, 16), (2048, 16)):
+        router = build_router(num_experts=experts, topk=topk, moe_aux_loss_coeff=0.1)
+        layer = layer_of(router).refresh(router)
+        call = routing._kernel_call(router, layer, torch.randn(32, experts).bfloat16(), None)
+        logits = first_use._tie_free_logits(router, layer, call, 336, None, torch.Generator().manual_seed(0))
+        top = torch.sort(logits.double(), dim=1, descending=True).values
+        assert bool((top[:, topk - 1] > top[:, topk]).all())
