@@ -206,7 +206,8 @@ DIFFERENTIABLE_OUTPUTS = ("probs", "topk_probs", "score_sums", "z_sum")
 _loads: dict = {}  # specialization -> None (loaded) or the exception its first launch would raise
 
 
-def load_router(logits: torch.Tensor, topk: int, *, gradients: tuple[str, ...] = (), **options) -> None:
+def load_router(logits: torch.Tensor, topk: int, *, gradients: tuple[str, ...] = (),
+                specialization: Optional[tuple] = None, **options) -> None:
     """Compile and load, on the CUDA device of `logits`, the kernels that fused_topk_router(logits,
     topk, **options) launches, and the backward that receives the gradients of `gradients` (names
     from DIFFERENTIABLE_OUTPUTS); nothing runs. Once per specialization of the kernels: later
@@ -214,9 +215,10 @@ def load_router(logits: torch.Tensor, topk: int, *, gradients: tuple[str, ...] =
     resources for the device).
 
     Tensor options (expert_bias, padding_mask, a registration's) only need the right shape and
-    dtype: everything is traced on meta tensors.
+    dtype: everything is traced on meta tensors. specialization: this call's specialization_key,
+    where the caller has it already.
     """
-    key = specialization_key(logits, topk, gradients=gradients, **options)
+    key = specialization or specialization_key(logits, topk, gradients=gradients, **options)
     if key not in _loads:
         try:
             _compile_and_load(logits, topk, gradients, options)
@@ -229,7 +231,9 @@ def load_router(logits: torch.Tensor, topk: int, *, gradients: tuple[str, ...] =
 
 def specialization_key(logits: torch.Tensor, topk: int, *, gradients: tuple[str, ...] = (), **options) -> tuple:
     """What fused_topk_router(logits, topk, **options) and the backward receiving `gradients`
-    compile for, on the device of `logits`: calls with equal keys run the same compiled kernels."""
+    compile for, on the device of `logits`: calls with equal keys run the same compiled kernels.
+    A tensor option counts by its dtype (or absence): Triton specializes pointers on their dtype,
+    not on the shape of what they point to, so a padding mask of another length is the same key."""
     unknown = set(gradients) - set(DIFFERENTIABLE_OUTPUTS)
     if unknown:
         raise ValueError(f"unknown gradients {sorted(unknown)}: choose from {', '.join(DIFFERENTIABLE_OUTPUTS)}")
@@ -240,9 +244,9 @@ def specialization_key(logits: torch.Tensor, topk: int, *, gradients: tuple[str,
 
 
 def _describe(value):
-    """What of an option the kernels specialize on: a tensor's dtype and shape, a registration's."""
+    """What of an option the kernels specialize on: a tensor's dtype, a registration's tensors'."""
     if isinstance(value, torch.Tensor):
-        return value.dtype, tuple(value.shape)
+        return value.dtype
     if isinstance(value, Registration):
         return tuple(_describe(getattr(value, name)) for name in Registration.__dataclass_fields__)
     return value

@@ -63,9 +63,8 @@ def first_use_failure(router, layer, call) -> Optional[str]:
     """Why the kernels must not serve this call (its specialization disagreed with Megatron's
     routing on the probe), or None. Checks each specialization on its first call."""
     from moe_lbl.engine import capturing
-    from moe_lbl.kernels.topk_router import specialization_key
 
-    key = (specialization_key(call.logits, router.topk, gradients=call.gradients, **call.options), call.dtype)
+    key = (call.specialization, call.dtype)
     if key not in _verdicts:
         if capturing():
             return ("its first-use check would fall inside a CUDA graph capture (it reads results on the host); "

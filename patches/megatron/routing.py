@@ -80,6 +80,7 @@ class KernelCall:
     options: dict
     gradients: tuple[str, ...]  # of moe_lbl.kernels.topk_router.DIFFERENTIABLE_OUTPUTS
     z_coeff: Optional[float]  # per tensor x context rank, as Megatron's z-loss takes it
+    specialization: tuple  # what the kernels compile for (topk_router.specialization_key), made once
 
     @property
     def training(self) -> bool:
@@ -103,8 +104,11 @@ def _kernel_call(router, layer: Layer, logits, padding_mask) -> KernelCall:
         num_groups=config.moe_router_num_groups, group_topk=config.moe_router_group_topk,
         scaling_factor=config.moe_router_topk_scaling_factor, expert_bias=router.expert_bias,
         padding_mask=padding_mask, compute_stats=training, dense=True, sparse=False, registration=registration)
-    return KernelCall(kernel_logits(router, layer, logits.view(-1, config.num_moe_experts)), logits.dtype,
-                      padding_mask, options, gradients, z_coeff)
+    from moe_lbl.kernels.topk_router import specialization_key
+
+    routed = kernel_logits(router, layer, logits.view(-1, config.num_moe_experts))
+    return KernelCall(routed, logits.dtype, padding_mask, options, gradients, z_coeff,
+                      specialization_key(routed, router.topk, gradients=gradients, **options))
 
 
 def kernel_logits(router, layer: Layer, logits):
@@ -158,7 +162,8 @@ def _load_failure(router, call: KernelCall) -> Optional[str]:
     from moe_lbl.kernels.topk_router import load_router
 
     try:
-        load_router(call.logits, router.topk, gradients=call.gradients, **call.options)
+        load_router(call.logits, router.topk, gradients=call.gradients, specialization=call.specialization,
+                    **call.options)
     except Exception as error:  # whatever the first launch would raise, it raises here
         return f"the kernels failed to compile or load: {type(error).__name__}: " + (
             str(error).strip().splitlines() or [""])[0]

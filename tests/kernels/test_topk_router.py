@@ -363,3 +363,18 @@ def test_load_router_compiles_each_specialization_once_and_keeps_its_verdict(mon
     assert compiled == [(12, ("probs",)), (16, ("probs",)), (13, ()), (32, ("probs", "score_sums"))]
     with pytest.raises(ValueError, match="unknown gradients \\['logits'\\]: choose from probs"):
         kernel_module.load_router(torch.empty(4, 8), 2, gradients=("logits",))
+
+
+def test_a_padding_mask_of_another_length_is_the_same_specialization(monkeypatch):
+    """Triton specializes a pointer on its dtype, not on its tensor's shape: routers whose token
+    count changes (within one integer specialization) compile and check their kernels once."""
+    compiled = []
+    monkeypatch.setattr(kernel_module, "_compile_and_load", lambda logits, *args: compiled.append(logits.shape[0]))
+    monkeypatch.setattr(kernel_module, "_loads", {})
+    for tokens in (12, 13, 28):
+        kernel_module.load_router(torch.empty(tokens, 8), 2, padding_mask=torch.zeros(tokens, dtype=torch.bool))
+    kernel_module.load_router(torch.empty(12, 8), 2, padding_mask=None)  # no mask: another specialization
+    assert compiled == [12, 12]
+    key = kernel_module.specialization_key(torch.empty(12, 8), 2, padding_mask=torch.zeros(12, dtype=torch.bool))
+    kernel_module.load_router(torch.empty(13, 8), 2, specialization=key)  # the caller's key is the one used
+    assert compiled == [12, 12]
