@@ -18,6 +18,7 @@ import torch
 from moe_lbl.selftest import Check, timed
 
 SECTION = "kernels"
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.9e-3, torch.float16: 9.8e-4}
 PROBS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-5), torch.float16: (2e-3, 1e-6)}
 GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (4e-3, 2e-3)}
@@ -25,17 +26,19 @@ GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.flo
 
 @dataclass(frozen=True)
 class Case:
+    """One router configuration: E experts, top-k, T tokens of `dtype` logits."""
+
     E: int
     k: int
     T: int
     dtype: torch.dtype
     score: str = "softmax"
-    pre: bool = False
+    pre: bool = False  # softmax before top-k
     groups: Optional[int] = None
     group_topk: Optional[int] = None
-    bias: bool = False
+    bias: bool = False  # an expert bias (sigmoid)
     scaling: Optional[float] = None
-    padding: float = 0.0
+    padding: float = 0.0  # the fraction of padding tokens
 
     @property
     def name(self) -> str:
@@ -55,8 +58,12 @@ class Case:
         return dict(score_function=self.score, use_pre_softmax=self.pre, num_groups=self.groups,
                     group_topk=self.group_topk, scaling_factor=self.scaling)
 
+    @property
+    def aux_dtype(self) -> torch.dtype:
+        """The dtype of the aux scores: fp32 softmax, or sigmoid scores in the logits dtype."""
+        return self.dtype if self.score == "sigmoid" else FP32
 
-BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
 # The interpreter's subset: every option once, small E (its cost is per element).
 INTERPRETER_CASES = [
     Case(8, 2, 77, FP32, padding=0.2),
@@ -107,7 +114,8 @@ def _launch(cuda: bool):
     return Launch() if cuda else Launch(block_t=32, num_programs=2)
 
 
-def _inputs(c: Case, seed: int):
+def inputs(c: Case, seed: int):
+    """Logits (CPU), an expert bias and a padding mask (None where the case has none)."""
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(c.T, c.E, generator=g) * 2).to(c.dtype)
     bias = torch.randn(c.E, generator=g) * 0.05 if c.bias else None
@@ -115,7 +123,8 @@ def _inputs(c: Case, seed: int):
     return logits, bias, padding
 
 
-def _near_ties(ref, c: Case) -> torch.Tensor:
+def selection_near_ties(ref, c: Case) -> torch.Tensor:
+    """Rows where a near tie of the selection (or group) scores could flip a choice."""
     from moe_lbl.kernels.topk_router_reference import near_tie_rows
 
     tol = max(4 * EPS[c.dtype] if not (c.score == "softmax" and not c.pre) else 0.0, 4 * EPS[FP32])
@@ -141,7 +150,7 @@ def check_case(c: Case, cuda: bool, seed: int) -> str:
     from moe_lbl.kernels.topk_router_reference import near_tie_rows, reference_routing
 
     device = torch.device("cuda" if cuda else "cpu")
-    logits, bias, padding = _inputs(c, seed)
+    logits, bias, padding = inputs(c, seed)
     on = (lambda t: None if t is None else t.to(device))  # noqa: E731
     x = on(logits).clone().requires_grad_()
     with poisoned():
@@ -155,7 +164,7 @@ def check_case(c: Case, cuda: bool, seed: int) -> str:
     selected = torch.zeros(c.T, c.E, dtype=torch.bool).scatter(1, indices, True)
     if not (torch.equal(selected.sum(1), torch.full((c.T,), c.k)) and torch.equal(routing_map, selected)):
         raise AssertionError("routing_map: not k distinct experts per row, or not topk_indices")
-    near = _near_ties(ref, c)
+    near = selection_near_ties(ref, c)
     wrong = (indices != ref.indices).any(1) & ~near
     if wrong.any():
         raise AssertionError(f"selection: {int(wrong.sum())} of {c.T} rows differ from the reference "
@@ -170,7 +179,7 @@ def check_case(c: Case, cuda: bool, seed: int) -> str:
         raise AssertionError(f"valid_tokens: {int(stats.valid_tokens)} against {int(valid.sum())}")
     if not torch.equal(stats.dispatch_counts.cpu(), (selected & valid[:, None]).sum(0)):
         raise AssertionError("dispatch_counts differ from the routing map's")
-    aux_dtype = c.dtype if c.score == "sigmoid" else FP32
+    aux_dtype = c.aux_dtype
     aux_near = near_tie_rows(ref.aux_scores.detach(), c.k, 4 * EPS[aux_dtype]) & valid
     aux_map = torch.zeros(c.T, c.E, dtype=torch.bool).scatter(1, ref.aux_indices, True)
     moved = int((stats.aux_counts.cpu() - (aux_map & valid[:, None]).sum(0)).abs().sum())

@@ -4,8 +4,6 @@ On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest); t
 variants (marker `gpu`) run the same checks compiled where a GPU is present.
 """
 
-from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -13,29 +11,9 @@ import torch
 from moe_lbl.kernels import Launch, fused_topk_router, topk_routing_with_score_function
 from moe_lbl.kernels import topk_router as kernel_module
 from moe_lbl.kernels.launcher import interpreting
-from moe_lbl.kernels.topk_router_details import _ops as kernel_ops
 from moe_lbl.kernels.topk_router_reference import near_tie_rows, reference_routing
-
-EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.9e-3, torch.float16: 9.8e-4}
-PROBS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-5), torch.float16: (2e-3, 1e-6)}
-GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (4e-3, 2e-3)}
-
-
-@dataclass(frozen=True)
-class Case:
-    """One router configuration: E experts, top-k, T tokens of `dtype` logits."""
-
-    E: int
-    k: int
-    T: int
-    dtype: torch.dtype
-    score: str = "softmax"
-    pre: bool = False  # softmax before top-k
-    groups: Optional[int] = None
-    group_topk: Optional[int] = None
-    bias: bool = False  # an expert bias (sigmoid)
-    scaling: Optional[float] = None
-    padding: float = 0.0  # the fraction of padding tokens
+from moe_lbl.selftest.kernels import EPS, GRAD_TOL, PROBS_TOL, Case, inputs, selection_near_ties
+from moe_lbl.selftest.kernels import poisoned as poison_outputs
 
 
 def case(id, *args, **kwargs):
@@ -74,17 +52,10 @@ def device(request):
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
+def poisoned():
     """Output buffers start as NaN / -7 / True, so an element the kernel never writes shows."""
-
-    def empty(shape, dtype, device):
-        if dtype.is_floating_point:
-            return torch.full(shape, float("nan"), dtype=dtype, device=device)
-        if dtype == torch.bool:
-            return torch.ones(shape, dtype=dtype, device=device)
-        return torch.full(shape, -7, dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernel_ops, "_empty", empty)
+    with poison_outputs():
+        yield
 
 
 def launch_for(device):
@@ -93,30 +64,8 @@ def launch_for(device):
 
 
 def make_inputs(c, seed, device):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(c.T, c.E, generator=g) * 2).to(c.dtype)
-    bias = torch.randn(c.E, generator=g) * 0.05 if c.bias else None
-    padding = torch.rand(c.T, generator=g) < c.padding if c.padding else None
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return logits, bias, padding, to
-
-
-def routing_kwargs(c):
-    return dict(score_function=c.score, use_pre_softmax=c.pre, num_groups=c.groups,
-                group_topk=c.group_topk, scaling_factor=c.scaling)
-
-
-def aux_dtype(c):
-    """The dtype of the aux scores: fp32 softmax, or sigmoid scores in the logits dtype."""
-    return c.dtype if c.score == "sigmoid" else torch.float32
-
-
-def selection_near_ties(ref, c):
-    tol = 4 * EPS[c.dtype] if not (c.score == "softmax" and not c.pre) else 0.0
-    near = near_tie_rows(ref.select, c.k, max(tol, 4 * EPS[torch.float32]))
-    if ref.group_scores is not None:
-        near |= near_tie_rows(ref.group_scores, c.group_topk, max(tol, 4 * EPS[torch.float32]))
-    return near
+    return (*inputs(c, seed), to)
 
 
 def assert_counts_close(got, want_map, near_rows, valid):
@@ -144,9 +93,9 @@ def kernel_selection(out, T, k):
 def test_forward_matches_reference(c, outputs, device, poisoned):
     logits, bias, padding, to = make_inputs(c, seed=c.E * 31 + c.k, device=device)
     out = fused_topk_router(to(logits), c.k, expert_bias=to(bias), padding_mask=to(padding),
-                            launch=launch_for(device), **OUTPUTS[outputs], **routing_kwargs(c))
+                            launch=launch_for(device), **OUTPUTS[outputs], **c.routing())
     assert (out.probs is None, out.topk_probs is None) == (not OUTPUTS[outputs]["dense"], outputs == "dense")
-    ref = reference_routing(logits, c.k, expert_bias=bias, **routing_kwargs(c))
+    ref = reference_routing(logits, c.k, expert_bias=bias, **c.routing())
     T, k = c.T, c.k
     valid = torch.ones(T, dtype=torch.bool) if padding is None else ~padding
     indices = kernel_selection(out, T, k)
@@ -171,7 +120,7 @@ def test_forward_matches_reference(c, outputs, device, poisoned):
                     else torch.zeros(T, dtype=torch.bool))
     assert bool((chosen_min >= other_max - 8 * EPS[c.dtype] * scale)[~grouped_near].all())
     # Probabilities of the kernel's selection.
-    ref_mine = reference_routing(logits, k, expert_bias=bias, indices=indices, **routing_kwargs(c))
+    ref_mine = reference_routing(logits, k, expert_bias=bias, indices=indices, **c.routing())
     rtol, atol = PROBS_TOL[c.dtype]
     if out.probs is not None:
         torch.testing.assert_close(out.probs.cpu().double(), ref_mine.probs, rtol=rtol, atol=atol)
@@ -183,10 +132,10 @@ def test_forward_matches_reference(c, outputs, device, poisoned):
     assert int(stats.valid_tokens) == int(valid.sum())
     assert torch.equal(stats.dispatch_counts.cpu(), (selected & valid[:, None]).sum(0))
     aux_map = torch.zeros(T, c.E, dtype=torch.bool).scatter(1, ref.aux_indices, True)
-    aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[aux_dtype(c)])
+    aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[c.aux_dtype])
     assert_counts_close(stats.aux_counts, aux_map, aux_near, valid)
     torch.testing.assert_close(stats.score_sums.cpu().double(), ref.aux_scores[valid].sum(0).detach(),
-                               rtol=1e-5 if aux_dtype(c) == torch.float32 else 1e-3, atol=T * EPS[aux_dtype(c)])
+                               rtol=1e-5 if c.aux_dtype == torch.float32 else 1e-3, atol=T * EPS[c.aux_dtype])
     torch.testing.assert_close(stats.z_sum.cpu().double(), (ref.lse[valid] ** 2).sum(), rtol=1e-5, atol=1e-3)
 
 
@@ -196,18 +145,18 @@ def test_forward_matches_megatron(c, device):
     moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
     logits, bias, padding, to = make_inputs(c, seed=c.E * 31 + c.k, device=device)
     out = fused_topk_router(to(logits), c.k, expert_bias=to(bias), padding_mask=to(padding),
-                            launch=launch_for(device), **routing_kwargs(c))
+                            launch=launch_for(device), **c.routing())
     probs, routing_map = out.probs.cpu(), out.routing_map.cpu()
-    ref = reference_routing(logits, c.k, expert_bias=bias, **routing_kwargs(c))
+    ref = reference_routing(logits, c.k, expert_bias=bias, **c.routing())
     near = selection_near_ties(ref, c)
     k = c.k
     valid = torch.ones(c.T, dtype=torch.bool) if padding is None else ~padding
     rtol, atol = PROBS_TOL[c.dtype]
-    m_probs, m_map = moe_utils.topk_routing_with_score_function(logits, k, expert_bias=bias, **routing_kwargs(c))
+    m_probs, m_map = moe_utils.topk_routing_with_score_function(logits, k, expert_bias=bias, **c.routing())
     assert torch.equal(m_map[~near], routing_map[~near])
     torch.testing.assert_close(probs[~near].double(), m_probs[~near].double(), rtol=rtol, atol=atol)
     m_aux_map, _ = moe_utils.compute_routing_scores_for_aux_loss(logits, k, c.score, padding_mask=padding)
-    aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[aux_dtype(c)])
+    aux_near = near_tie_rows(ref.aux_scores.detach(), k, 4 * EPS[c.aux_dtype])
     assert_counts_close(out.stats.aux_counts, m_aux_map, aux_near, valid)
 
 
@@ -225,7 +174,7 @@ def test_backward_matches_float64_autograd(c, outputs, device):
     z = 0.03
     x = to(logits).clone().requires_grad_()
     out = fused_topk_router(x, c.k, expert_bias=to(bias), padding_mask=to(padding), launch=launch_for(device),
-                            **OUTPUTS[outputs], **routing_kwargs(c))
+                            **OUTPUTS[outputs], **c.routing())
     loss = (out.stats.score_sums * to(lbl)).sum() + z / 2 * out.stats.z_sum
     if out.probs is not None:
         loss = loss + (out.probs * to(grad_probs)).sum()
@@ -235,7 +184,7 @@ def test_backward_matches_float64_autograd(c, outputs, device):
 
     x64 = logits.double().requires_grad_()
     ref = reference_routing(logits, c.k, expert_bias=bias, indices=kernel_selection(out, c.T, c.k), x=x64,
-                            **routing_kwargs(c))
+                            **c.routing())
     valid = torch.ones(c.T, dtype=torch.bool) if padding is None else ~padding
     total = (ref.aux_scores[valid] * lbl.double()).sum() + z / 2 * (ref.lse[valid] ** 2).sum()
     if out.probs is not None:
