@@ -240,6 +240,14 @@ def _tail_mean(values: list) -> float:
     return sum(tail) / len(tail)
 
 
+# The trend's metrics: label, value of a run.
+TREND = {
+    "val loss": lambda r: statistics.mean(r.val_loss.values()),
+    "max freq": lambda r: statistics.mean(r.max_frequency.values()),
+    "divergence": lambda r: r.divergence,
+}
+
+
 def summary_rows(results: list[RunResult], options: DemoOptions) -> list[dict]:
     """One row per balance, averaged over seeds (the ± is the spread over seeds)."""
     rows = []
@@ -250,7 +258,7 @@ def summary_rows(results: list[RunResult], options: DemoOptions) -> list[dict]:
             mean = statistics.mean(values)
             return f"{mean:.4f}" + (f" ±{statistics.stdev(values):.4f}" if len(values) > 1 else "")
 
-        val = [statistics.mean(r.val_loss.values()) for r in runs]
+        val = [TREND["val loss"](r) for r in runs]
         row = {"scope": scope, "balance tokens": BALANCES[scope].tokens(options), "seeds": len(runs),
                "val loss": stat(val), "val ppl": f"{math.exp(statistics.mean(val)):.3f}"}
         for domain in options.domains:
@@ -258,21 +266,13 @@ def summary_rows(results: list[RunResult], options: DemoOptions) -> list[dict]:
         row.update({
             "MaxVio micro": stat([_tail_mean(r.micro_max_vio) for r in runs]),
             "MaxVio global": stat([_tail_mean(r.global_max_vio) for r in runs]),
-            "max freq": stat([statistics.mean(r.max_frequency.values()) for r in runs]),
+            "max freq": stat([TREND["max freq"](r) for r in runs]),
             "top-k score": stat([statistics.mean(r.mean_topk_score.values()) for r in runs]),
-            "divergence": stat([r.divergence for r in runs]),
+            "divergence": stat([TREND["divergence"](r) for r in runs]),
             "s/step (CPU)": f"{statistics.mean(_tail_mean(r.step_seconds) for r in runs):.3f}",
         })
         rows.append(row)
     return rows
-
-
-# The trend's metrics: label, value of a run.
-TREND = {
-    "val loss": lambda r: statistics.mean(r.val_loss.values()),
-    "max freq": lambda r: statistics.mean(r.max_frequency.values()),
-    "divergence": lambda r: r.divergence,
-}
 
 
 def paired_differences(results: list[RunResult]) -> str:
@@ -322,12 +322,12 @@ def write_trend(results: list[RunResult], options: DemoOptions) -> str:
                       if (scope, seed) in by_key]
             ax.plot(*zip(*points), marker="o", linewidth=0.8, alpha=0.45, label=f"seed {seed}")
         values = [[value(by_key[scope, seed]) for seed in seeds if (scope, seed) in by_key] for scope in scopes]
+        means = [statistics.mean(v) for v in values]
         spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        ax.errorbar(sizes, [statistics.mean(v) for v in values], yerr=spread, color="black", marker="s",
-                    capsize=4, linewidth=1.6, label="mean ± std")
-        for size, scope in zip(sizes, scopes):
-            ax.annotate(scope, (size, statistics.mean(values[scopes.index(scope)])), textcoords="offset points",
-                        xytext=(4, 6), fontsize=7)
+        ax.errorbar(sizes, means, yerr=spread, color="black", marker="s", capsize=4, linewidth=1.6,
+                    label="mean ± std")
+        for scope, size, mean in zip(scopes, sizes, means):
+            ax.annotate(scope, (size, mean), textcoords="offset points", xytext=(4, 6), fontsize=7)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("balance batch size (tokens)")
         ax.set_title(label)
