@@ -64,7 +64,9 @@ class RouterStats:
     dispatch_counts: tokens per expert of the routing map (int64 [E]);
     score_sums: per-expert sums of the aux scores (fp32 [E]; differentiable);
     valid_tokens: non-padding tokens (int64 scalar tensor);
-    z_sum: sum of logsumexp(logits)^2 over valid tokens (fp32 scalar tensor; differentiable).
+    z_sum: sum of logsumexp(logits)^2 over valid tokens (fp32 scalar tensor; differentiable);
+    sequence_aux_counts, sequence_score_sums: aux_counts and score_sums per sequence (int64 and
+        fp32 [S, E]; the second differentiable), where the call named S sequences, else None.
     """
 
     aux_counts: torch.Tensor
@@ -72,6 +74,8 @@ class RouterStats:
     score_sums: torch.Tensor
     valid_tokens: torch.Tensor
     z_sum: torch.Tensor
+    sequence_aux_counts: Optional[torch.Tensor] = None
+    sequence_score_sums: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -124,33 +128,36 @@ def _check_side_inputs(logits, expert_bias, padding_mask, spec: RoutingSpec):
 
 class _FusedTopKRouter(torch.autograd.Function):
     """Outputs: probs, routing_map, topk_indices, topk_probs, counts [2, E] (aux, dispatched),
-    score_sums, valid_tokens, z_sum (None where not asked for); probs, topk_probs, score_sums and
-    z_sum are differentiable."""
+    score_sums, valid_tokens, z_sum, sequence aux counts, sequence score sums (None where not
+    asked for); probs, topk_probs, score_sums, z_sum and sequence score sums are differentiable."""
 
     @staticmethod
-    def forward(ctx, logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, launch, registration):
+    def forward(ctx, logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, sequences, launch,
+                registration):
         routing = routing_args(spec, launch)
         r = registration
         outputs = torch.ops.moe_lbl.topk_router_forward(
-            logits, expert_bias, padding_mask, *routing, compute_stats, dense, sparse,
+            logits, expert_bias, padding_mask, *routing, compute_stats, dense, sparse, sequences,
             *((r.counters, r.tags, r.slot, r.sequence, r.batch, r.in_forward) if r is not None
               else (None, None, None, None, None, False)))
-        _, routing_map, topk_indices, _, counts, _, valid_tokens, _ = outputs
+        _, routing_map, topk_indices, _, counts, _, valid_tokens, _, sequence_counts, _ = outputs
         # The backward finds the chosen experts in the routing map (dense) or topk_indices (sparse).
         ctx.save_for_backward(logits, routing_map, topk_indices, padding_mask)
         ctx.routing = routing
-        ctx.mark_non_differentiable(*(t for t in (routing_map, topk_indices, counts, valid_tokens) if t is not None))
+        ctx.mark_non_differentiable(*(t for t in (routing_map, topk_indices, counts, valid_tokens, sequence_counts)
+                                      if t is not None))
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to read
         return outputs
 
     @staticmethod
     def backward(ctx, grad_probs, _grad_map, _grad_indices, grad_topk_probs, _grad_counts, grad_score_sums,
-                 _grad_valid, grad_z_sum):
+                 _grad_valid, grad_z_sum, _grad_sequence_counts, grad_sequence_scores):
         logits, routing_map, topk_indices, padding_mask = ctx.saved_tensors
         grad = torch.ops.moe_lbl.topk_router_backward(
             logits, routing_map, topk_indices, padding_mask, _contiguous(grad_probs), _contiguous(grad_topk_probs),
-            _contiguous(grad_score_sums, torch.float32), _contiguous(grad_z_sum, torch.float32), *ctx.routing)
-        return grad, None, None, None, None, None, None, None, None
+            _contiguous(grad_score_sums, torch.float32), _contiguous(grad_z_sum, torch.float32),
+            _contiguous(grad_sequence_scores, torch.float32), *ctx.routing)
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def _contiguous(tensor: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
@@ -174,6 +181,7 @@ def fused_topk_router(
     compute_stats: bool = True,
     dense: bool = True,
     sparse: bool = True,
+    sequences: Optional[int] = None,
     launch: Optional[Launch] = None,
     registration: Optional[Registration] = None,
 ) -> RouterOutput:
@@ -183,26 +191,36 @@ def fused_topk_router(
     always). padding_mask: [T] bool, True for padding tokens (excluded from the statistics).
     probs, topk_probs and the statistics score_sums and z_sum are differentiable: whatever
     gradients reach them when backward runs, one kernel turns into the logits gradient.
-    expert_bias is used with sigmoid only. registration (with compute_stats): where the
-    statistics also register the micro-batch with a balancing engine.
+    expert_bias is used with sigmoid only. sequences (with compute_stats): the tokens are laid out
+    [s, sequences], as Megatron's [s, b] (token t of sequence t % sequences); the statistics then
+    also hold the aux counts and score sums of each sequence (seq_aux_loss). registration (with
+    compute_stats): where the statistics also register the micro-batch with a balancing engine.
     """
     _check_logits(logits)
     spec = RoutingSpec(logits.shape[1], topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
     _check_side_inputs(logits, expert_bias, padding_mask, spec)
     if not (dense or sparse):
         raise ValueError("fused_topk_router needs dense=True (probs, routing_map) or sparse=True (topk_probs)")
+    if sequences is not None and (not isinstance(sequences, int) or sequences < 1
+                                  or logits.shape[0] % sequences):
+        raise ValueError(f"sequences must be a positive int dividing the {logits.shape[0]} tokens (laid out "
+                         f"[s, sequences]), got {sequences!r}")
+    if sequences is not None and not compute_stats:
+        raise ValueError("sequences names the per-sequence statistics: it needs compute_stats=True")
     if padding_mask is not None:
         padding_mask = padding_mask.reshape(-1).contiguous()
     # As Megatron: the expert bias only adds to sigmoid scores, in fp32.
     expert_bias = _contiguous(expert_bias, torch.float32) if score_function == "sigmoid" else None
-    probs, routing_map, topk_indices, topk_probs, counts, score_sums, valid_tokens, z_sum = _FusedTopKRouter.apply(
-        logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, launch or Launch(), registration)
-    stats = RouterStats(counts[0], counts[1], score_sums, valid_tokens, z_sum) if compute_stats else None
+    (probs, routing_map, topk_indices, topk_probs, counts, score_sums, valid_tokens, z_sum, sequence_counts,
+     sequence_scores) = _FusedTopKRouter.apply(logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse,
+                                               sequences or 0, launch or Launch(), registration)
+    stats = RouterStats(counts[0], counts[1], score_sums, valid_tokens, z_sum, sequence_counts,
+                        sequence_scores) if compute_stats else None
     return RouterOutput(probs, routing_map, topk_indices, topk_probs, stats)
 
 
 # The outputs whose gradients a backward may receive (load_router's `gradients`).
-DIFFERENTIABLE_OUTPUTS = ("probs", "topk_probs", "score_sums", "z_sum")
+DIFFERENTIABLE_OUTPUTS = ("probs", "topk_probs", "score_sums", "z_sum", "sequence_score_sums")
 _loads: dict = {}  # specialization -> None (loaded) or the exception its first launch would raise
 
 
@@ -266,8 +284,10 @@ def _compile_and_load(logits, topk, gradients, options) -> None:
     traced = torch.empty(logits.shape, dtype=logits.dtype, device=meta, requires_grad=bool(gradients))
     with launcher.capture() as launches, torch.enable_grad():
         out = fused_topk_router(traced, topk, **options)
+        stats = out.stats
         outputs = {"probs": out.probs, "topk_probs": out.topk_probs, **(
-            {"score_sums": out.stats.score_sums, "z_sum": out.stats.z_sum} if out.stats is not None else {})}
+            {"score_sums": stats.score_sums, "z_sum": stats.z_sum, "sequence_score_sums": stats.sequence_score_sums}
+            if stats is not None else {})}
         if gradients:
             torch.autograd.backward([outputs[name] for name in gradients],
                                     [torch.empty_like(outputs[name]) for name in gradients])

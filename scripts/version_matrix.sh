@@ -5,7 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VERSIONS="${MATRIX_VERSIONS:-0.12.3 0.13.1 0.14.0 0.15.3 0.16.1 0.17.1 0.18.2}"
-TESTS="tests/megatron/test_patch_mechanics.py tests/megatron/test_patch_router.py tests/megatron/test_patch_lifecycle.py tests/megatron/test_patch_dp.py"
+TESTS="tests/megatron/test_patch_mechanics.py tests/megatron/test_patch_router.py tests/megatron/test_patch_lifecycle.py tests/megatron/test_patch_dp.py tests/megatron/test_fused_seq_aux_loss.py"
 # The graph replay tests need padding masks (0.16+); 0.16.1 has the aux-loss tracker of before
 # 0.18 (0.19.2, in the main suite, the metrics tracker). About a minute.
 GRAPH_VERSIONS="${MATRIX_GRAPH_VERSIONS:-0.16.1}"

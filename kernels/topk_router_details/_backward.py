@@ -68,8 +68,10 @@ def _routing_grad_dense(x, shifted, softmax, taken, grad, SOFTMAX: tl.constexpr,
 def router_backward(
     # inputs
     logits_ptr, stride_t, num_tokens, map_ptr, indices_ptr, padding_ptr, scaling_factor,
-    # incoming gradients: dense probs [T, E], sparse topk_probs [T, K], score_sums [E], z_sum [1]
-    grad_probs_ptr, grad_topk_probs_ptr, grad_score_sums_ptr, grad_z_sum_ptr,
+    # incoming gradients: dense probs [T, E], sparse topk_probs [T, K], score_sums [E], z_sum [1],
+    # per-sequence score sums [S, E] (tokens laid out [s, S])
+    grad_probs_ptr, grad_topk_probs_ptr, grad_score_sums_ptr, grad_z_sum_ptr, grad_sequence_scores_ptr,
+    num_sequences,
     # output [T, E]
     grad_logits_ptr,
     # routing
@@ -77,18 +79,25 @@ def router_backward(
     SOFTMAX: tl.constexpr, PRE_SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_SCALING: tl.constexpr,
     # which gradients arrive
     HAS_GRAD_PROBS: tl.constexpr, HAS_GRAD_TOPK_PROBS: tl.constexpr, HAS_LBL: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_SEQUENCE_LBL: tl.constexpr,
     # tiles
     BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, KP: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
     FROM_MAP: tl.constexpr = HAS_GRAD_PROBS and not HAS_GRAD_TOPK_PROBS
+    ANY_LBL: tl.constexpr = HAS_LBL or HAS_SEQUENCE_LBL
     pid = tl.program_id(0)
     expert, col_ok = expert_tile(G, GS, BLOCK_G, BLOCK_GS)
     # d loss / d aux score of every valid token: the gradient of its sum over tokens.
     lbl_grad = tl.zeros([1, BLOCK_G, BLOCK_GS], tl.float32)
     if HAS_LBL:
         lbl_grad = tl.load(grad_score_sums_ptr + expert, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_SEQUENCE_LBL:
+        # Plus that of its sequence's sum. The launch makes programs * BLOCK_T a multiple of the
+        # sequences, so row i of every block this program walks is of sequence (pid * BLOCK_T + i) % S.
+        sequence = (pid * BLOCK_T + tl.arange(0, BLOCK_T)) % num_sequences
+        lbl_grad += tl.load(grad_sequence_scores_ptr + sequence[:, None, None] * E + expert, mask=col_ok, other=0.0)
     z_grad = 0.0  # d loss / d lse_t = 2 lse_t * d loss / d z_sum
     if HAS_Z:
         z_grad = 2.0 * tl.load(grad_z_sum_ptr).to(tl.float32)
@@ -110,7 +119,7 @@ def router_backward(
         scores = softmax  # sigmoid scores where the balancing loss takes them
         lbl_dot = tl.zeros([BLOCK_T], tl.float32)
         sigmoid_total = tl.zeros([BLOCK_T], tl.float32) + 1.0
-        if HAS_LBL:
+        if ANY_LBL:
             if SOFTMAX:
                 lbl_dot = row_sum(softmax * lbl_grad)
             else:
@@ -119,7 +128,7 @@ def router_backward(
                 lbl_dot = row_sum(lbl_grad * scores) / sigmoid_total
         z_lse = z_grad * lse
         grad = _balancing_grad(softmax, scores, lbl_grad, lbl_dot[:, None, None], sigmoid_total[:, None, None],
-                               z_lse[:, None, None], valid[:, None, None], SOFTMAX, HAS_LBL, HAS_Z)
+                               z_lse[:, None, None], valid[:, None, None], SOFTMAX, ANY_LBL, HAS_Z)
 
         if FROM_MAP:
             # Outside the tile's valid elements read "chosen": rows past the end then have chosen
@@ -163,10 +172,13 @@ def router_backward(
                 routing_top = grad_sigmoid * chosen_sigmoid * (1.0 - chosen_sigmoid)
             lbl_top = tl.zeros([BLOCK_T, KP], tl.float32)
             if HAS_LBL:
-                lbl_top = tl.load(grad_score_sums_ptr + indices, mask=top_ok, other=0.0).to(tl.float32)
+                lbl_top += tl.load(grad_score_sums_ptr + indices, mask=top_ok, other=0.0).to(tl.float32)
+            if HAS_SEQUENCE_LBL:
+                lbl_top += tl.load(grad_sequence_scores_ptr + (rows % num_sequences)[:, None] * E + indices,
+                                   mask=top_ok, other=0.0)
             routing_top += _balancing_grad(softmax_top, sigmoid(chosen), lbl_top, lbl_dot[:, None],
                                            sigmoid_total[:, None], z_lse[:, None], valid[:, None],
-                                           SOFTMAX, HAS_LBL, HAS_Z)
+                                           SOFTMAX, ANY_LBL, HAS_Z)
 
         tl.store(grad_logits_ptr + r3 * E + expert, cast_to(grad, DTYPE, INTERPRETED), mask=ok)
         if HAS_GRAD_TOPK_PROBS:

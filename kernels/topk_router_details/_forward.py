@@ -51,8 +51,8 @@ def router_forward(
     logits_ptr, stride_t, num_tokens, bias_ptr, padding_ptr, scaling_factor,
     # outputs: dense [T, E], sparse [T, K]
     probs_ptr, map_ptr, indices_ptr, topk_probs_ptr,
-    # per-program statistics: counts [P, 2, E] (aux top-k, dispatched), score sums [P, E], z sums [P],
-    # valid tokens [P]
+    # per-program statistics: counts [P, 2, E] (aux top-k, dispatched), score sums [P, E] (with
+    # PER_SEQUENCE: [P * BLOCK_T, ...], per row of the program's blocks), z sums [P], valid tokens [P]
     counts_partial_ptr, scores_partial_ptr, z_partial_ptr, valid_partial_ptr,
     # routing
     E: tl.constexpr, K: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, GROUP_TOPK: tl.constexpr,
@@ -60,7 +60,7 @@ def router_forward(
     HAS_SCALING: tl.constexpr, LOGIT_BITS: tl.constexpr, SELECT_BITS: tl.constexpr,
     # what to compute
     WRITE_DENSE: tl.constexpr, WRITE_SPARSE: tl.constexpr, COMPUTE_STATS: tl.constexpr,
-    SEPARATE_AUX_TOPK: tl.constexpr,
+    SEPARATE_AUX_TOPK: tl.constexpr, PER_SEQUENCE: tl.constexpr,
     # tiles
     BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, KP: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -212,7 +212,17 @@ def router_forward(
             z_sum += tl.where(valid, lse * lse, 0.0)
             valid_count += valid.to(tl.int32)
 
-    if COMPUTE_STATS:
+    if COMPUTE_STATS and PER_SEQUENCE:
+        # Tokens are laid out [s, S] (S sequences). The launch makes programs * BLOCK_T a multiple
+        # of S, so row i of every block this program walks is of one sequence, (pid * BLOCK_T + i)
+        # % S: the per-row sums are per-sequence sums already; the statistics kernel adds up the
+        # rows of each sequence.
+        partial_row = pid * BLOCK_T + tl.arange(0, BLOCK_T)[:, None, None]
+        tl.store(counts_partial_ptr + partial_row * 2 * E + expert, count_aux, mask=col_ok)
+        if SEPARATE_AUX_TOPK:
+            tl.store(counts_partial_ptr + partial_row * 2 * E + E + expert, count_dispatch, mask=col_ok)
+        tl.store(scores_partial_ptr + partial_row * E + expert, score_sum, mask=col_ok)
+    elif COMPUTE_STATS:
         g2 = tl.arange(0, BLOCK_G)[:, None]
         j2 = tl.arange(0, BLOCK_GS)[None, :]
         e2 = g2 * GS + j2
@@ -221,5 +231,6 @@ def router_forward(
         if SEPARATE_AUX_TOPK:
             tl.store(counts_partial_ptr + pid * 2 * E + E + e2, tl.sum(count_dispatch, 0), mask=ok2)
         tl.store(scores_partial_ptr + pid * E + e2, tl.sum(score_sum, 0), mask=ok2)
+    if COMPUTE_STATS:
         tl.store(z_partial_ptr + pid, tl.sum(z_sum, 0))
         tl.store(valid_partial_ptr + pid, tl.sum(valid_count, 0))

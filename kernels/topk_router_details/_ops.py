@@ -13,6 +13,7 @@ about 30 us more of Python; a plain definition costs about 2.)
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -106,8 +107,8 @@ class _ForwardPlan:
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def of(num_experts, topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor, block_t,
-           num_programs, num_warps, dtype, has_bias, has_padding, compute_stats, dense, sparse, register, in_forward,
-           sequence, batch) -> "_ForwardPlan":
+           num_programs, num_warps, dtype, has_bias, has_padding, compute_stats, dense, sparse, per_sequence,
+           register, in_forward, sequence, batch) -> "_ForwardPlan":
         spec = _spec(num_experts, topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
         launch = _launch(block_t, num_programs, num_warps)
         tiles = _Tiles.of(spec, launch)
@@ -123,27 +124,39 @@ class _ForwardPlan:
             HAS_SCALING=bool(spec.scaling_factor), LOGIT_BITS=_VALUE_BITS[dtype],
             SELECT_BITS=32 if use_bias else _VALUE_BITS[dtype],  # bias promotes scores to fp32
             WRITE_DENSE=dense, WRITE_SPARSE=sparse, COMPUTE_STATS=compute_stats, SEPARATE_AUX_TOPK=separate_aux,
-            **tiles.constexprs())
+            PER_SEQUENCE=per_sequence, **tiles.constexprs())
         block_e = min(_STATISTICS_BLOCK_E, _power_of_2(num_experts))
-        statistics = dict(E=num_experts, SEPARATE_AUX_TOPK=separate_aux, BLOCK_P=8, BLOCK_E=block_e,
+        statistics = dict(E=num_experts, SEPARATE_AUX_TOPK=separate_aux, PER_SEQUENCE=per_sequence, BLOCK_P=8,
+                          BLOCK_E=block_e,
                           REGISTER=register, IN_FORWARD=in_forward, SEQUENCE=sequence, BATCH=batch,
                           num_warps=4 if block_e <= 256 else 8)
         return _ForwardPlan(spec, launch, tiles, separate_aux, use_bias, constexprs, statistics,
                             _blocks(num_experts, block_e))
 
 
+def _aligned_programs(programs: int, block_t: int, sequences: int) -> int:
+    """Programs of a persistent launch whose blocks of block_t rows hold the same sequences at the
+    same rows in every block a program walks (programs * block_t a multiple of `sequences`, token t
+    of sequence t % sequences): at most `programs` where that allows."""
+    step = sequences // math.gcd(sequences, block_t)
+    return max(step, programs - programs % step)
+
+
 def _forward(logits, expert_bias, padding_mask, topk, score_function, use_pre_softmax, num_groups, group_topk,
-             scaling_factor, block_t, num_programs, num_warps, compute_stats, dense, sparse, counters, tags, slot,
-             sequence, batch, in_forward, launches=True):
+             scaling_factor, block_t, num_programs, num_warps, compute_stats, dense, sparse, sequences, counters, tags,
+             slot, sequence, batch, in_forward, launches=True):
     """(probs, routing_map, topk_indices, topk_probs, counts [2, E] (aux, dispatched), score_sums,
-    valid_tokens, z_sum), None where not asked for; with counters, the statistics kernel also
-    fills a balancing engine's registration (see router_statistics). launches: whether to launch
-    (or record) the kernels, or only allocate the outputs."""
+    valid_tokens, z_sum, sequence counts [S, E] (aux), sequence score sums [S, E]), None where not
+    asked for (the sequence statistics: with compute_stats and sequences S > 0, tokens laid out
+    [s, S]); with counters, the statistics kernel also fills a balancing engine's registration
+    (see router_statistics). launches: whether to launch (or record) the kernels, or only
+    allocate the outputs."""
     num_tokens, num_experts = logits.shape
+    per_sequence = compute_stats and sequences > 0
     plan = _ForwardPlan.of(num_experts, topk, score_function, use_pre_softmax, num_groups, group_topk,
                            scaling_factor, block_t, num_programs, num_warps, logits.dtype, expert_bias is not None,
-                           padding_mask is not None, compute_stats, dense, sparse, counters is not None, in_forward,
-                           sequence is not None, batch is not None)
+                           padding_mask is not None, compute_stats, dense, sparse, per_sequence, counters is not None,
+                           in_forward, sequence is not None, batch is not None)
     k, device = plan.spec.topk, logits.device
     probs = _empty((num_tokens, num_experts), logits.dtype, device) if dense else None
     routing_map = _empty((num_tokens, num_experts), torch.bool, device) if dense else None
@@ -151,38 +164,47 @@ def _forward(logits, expert_bias, padding_mask, topk, score_function, use_pre_so
     topk_probs = _empty((num_tokens, k), logits.dtype, device) if sparse else None
     padding = padding_mask.view(torch.uint8) if padding_mask is not None else None
     partials = []
+    block_t = plan.tiles.block_t
 
     def args(programs):
-        partials[:] = [_empty((programs, 2, num_experts), torch.int32, device),
-                       _empty((programs, num_experts), torch.float32, device),
+        # Per sequence, the counts and score sums of each row of a program's blocks.
+        rows = programs * block_t if per_sequence else programs
+        partials[:] = [_empty((rows, 2, num_experts), torch.int32, device),
+                       _empty((rows, num_experts), torch.float32, device),
                        _empty((programs,), torch.float32, device), _empty((programs,), torch.int32, device)]
         return (logits, logits.stride(0), num_tokens, expert_bias if plan.use_bias else logits,
                 padding if padding is not None else logits, float(plan.spec.scaling_factor or 1.0),
                 probs if dense else logits, routing_map.view(torch.uint8) if dense else logits,
                 topk_indices if sparse else logits, topk_probs if sparse else logits, *partials)
 
-    blocks = _blocks(num_tokens, plan.tiles.block_t)
+    blocks = _blocks(num_tokens, block_t)
     programs = launcher.programs(router_forward, blocks, plan.launch.num_programs, device, args,
                                  plan.constexprs) if launches else max(1, blocks)
+    if per_sequence:
+        programs = _aligned_programs(programs, block_t, sequences)
     launch_args = args(programs if num_tokens else 0)  # no tokens: no forward program, nothing to sum
     if launches and num_tokens:
         launcher.launch(router_forward, programs, *launch_args, **plan.constexprs)
-    statistics = (None,) * 4
+    statistics = (None,) * 6
     if compute_stats:
         counts = _empty((2, num_experts), torch.int64, device)
         score_sums = _empty((num_experts,), torch.float32, device)
         valid_tokens, z_sum = _empty((), torch.int64, device), _empty((), torch.float32, device)
+        sequence_counts = _empty((sequences, num_experts), torch.int64, device) if per_sequence else None
+        sequence_scores = _empty((sequences, num_experts), torch.float32, device) if per_sequence else None
         if launches:
             registration = [counts if t is None else t for t in (counters, tags, slot, sequence, batch)]
-            launcher.launch(router_statistics, plan.statistics_programs, *partials, partials[0].shape[0], counts,
-                            score_sums, z_sum, valid_tokens, *registration, **plan.statistics)
-        statistics = (counts, score_sums, valid_tokens, z_sum)
+            launcher.launch(router_statistics, plan.statistics_programs, *partials, partials[0].shape[0],
+                            partials[2].shape[0], max(1, sequences), counts, score_sums, z_sum, valid_tokens,
+                            sequence_counts if per_sequence else counts, sequence_scores if per_sequence else counts,
+                            *registration, **plan.statistics)
+        statistics = (counts, score_sums, valid_tokens, z_sum, sequence_counts, sequence_scores)
     return (probs, routing_map, topk_indices, topk_probs, *statistics)
 
 
 def _backward(logits, routing_map, topk_indices, padding_mask, grad_probs, grad_topk_probs, grad_score_sums,
-              grad_z_sum, topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor, block_t,
-              num_programs, num_warps, launches=True):
+              grad_z_sum, grad_sequence_scores, topk, score_function, use_pre_softmax, num_groups, group_topk,
+              scaling_factor, block_t, num_programs, num_warps, launches=True):
     """The logits gradient from the gradients that reached the outputs (None: none came)."""
     spec = _spec(logits.shape[1], topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
     launch = _launch(block_t, num_programs, num_warps)
@@ -192,6 +214,7 @@ def _backward(logits, routing_map, topk_indices, padding_mask, grad_probs, grad_
         return grad_logits
     tiles = _Tiles.of(spec, launch)
     padding = padding_mask.view(torch.uint8) if padding_mask is not None else None
+    sequences = grad_sequence_scores.shape[0] if grad_sequence_scores is not None else 1
     launch_args = (
         logits, logits.stride(0), num_tokens, routing_map.view(torch.uint8) if routing_map is not None else logits,
         topk_indices if topk_indices is not None else logits, padding if padding is not None else logits,
@@ -200,15 +223,18 @@ def _backward(logits, routing_map, topk_indices, padding_mask, grad_probs, grad_
         grad_topk_probs if grad_topk_probs is not None else logits,
         grad_score_sums if grad_score_sums is not None else logits,
         grad_z_sum if grad_z_sum is not None else logits,
+        grad_sequence_scores if grad_sequence_scores is not None else logits, sequences,
         grad_logits)
     constexprs = dict(
         E=num_experts, K=spec.topk, GROUP_TOPK=spec.group_topk or 0, SOFTMAX=spec.score_function == "softmax",
         PRE_SOFTMAX=bool(spec.use_pre_softmax), HAS_PADDING=padding is not None,
         HAS_SCALING=bool(spec.scaling_factor), HAS_GRAD_PROBS=grad_probs is not None,
         HAS_GRAD_TOPK_PROBS=grad_topk_probs is not None, HAS_LBL=grad_score_sums is not None,
-        HAS_Z=grad_z_sum is not None, **tiles.constexprs())
+        HAS_Z=grad_z_sum is not None, HAS_SEQUENCE_LBL=grad_sequence_scores is not None, **tiles.constexprs())
     programs = launcher.programs(router_backward, _blocks(num_tokens, tiles.block_t), launch.num_programs,
                                  logits.device, lambda _: launch_args, constexprs)
+    if grad_sequence_scores is not None:  # each program's rows then keep their sequences
+        programs = _aligned_programs(programs, tiles.block_t, sequences)
     launcher.launch(router_backward, programs, *launch_args, **constexprs)
     return grad_logits
 
@@ -227,11 +253,12 @@ def _define(name: str, schema: str, implementation) -> None:
 
 _define("topk_router_forward",
         f"(Tensor logits, Tensor? expert_bias, Tensor? padding_mask, {_ROUTING}, bool compute_stats, bool dense, "
-        "bool sparse, Tensor(a!)? counters, Tensor? tags, Tensor(b!)? slot, Tensor(c!)? sequence, Tensor(d!)? batch, "
-        "bool in_forward) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)", _forward)
+        "bool sparse, int sequences, Tensor(a!)? counters, Tensor? tags, Tensor(b!)? slot, Tensor(c!)? sequence, "
+        "Tensor(d!)? batch, bool in_forward) -> (" + ", ".join(["Tensor?"] * 10) + ")", _forward)
 _define("topk_router_backward",
         f"(Tensor logits, Tensor? routing_map, Tensor? topk_indices, Tensor? padding_mask, Tensor? grad_probs, "
-        f"Tensor? grad_topk_probs, Tensor? grad_score_sums, Tensor? grad_z_sum, {_ROUTING}) -> Tensor", _backward)
+        f"Tensor? grad_topk_probs, Tensor? grad_score_sums, Tensor? grad_z_sum, Tensor? grad_sequence_scores, "
+        f"{_ROUTING}) -> Tensor", _backward)
 
 
 def routing_args(spec: RoutingSpec, launch: Launch) -> tuple:

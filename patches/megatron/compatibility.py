@@ -195,9 +195,13 @@ class Features:
     # By name: moe_logging (get_moe_metrics_tracker, 0.18+): values are recorded there
     # (save_to_aux_losses_tracker is a deprecated wrapper), and the MaxVio metrics join its report.
     metrics_tracker: bool
+    # By name: attach_and_log_load_balancing_loss(valid_token_count) (0.16+): the aux losses pass
+    # their valid tokens (per-token loss scales by them).
+    valid_token_count: bool
     # By release (0.19+; a change inside _apply_aux_loss, no name tells): under per-token loss, aux
     # and z-loss scaled by the valid tokens times the tensor x context group size, and z_loss
-    # logged averaged over tensor x data x context ranks.
+    # logged averaged over tensor x data x context ranks; seq_aux_loss passes the micro-batch's
+    # valid tokens (before, a sequence's).
     tp_cp_token_scale: bool
     # By release (0.18+; a change inside topk_routing_with_score_function, no name tells): routing
     # scores of 16-bit logits kept in fp32 until the final probs, so the fused kernels route fp32
@@ -229,6 +233,8 @@ def features() -> Features:
         global_aux_loss="_apply_global_aux_loss" in methods,
         reset_model_temporary_tensors=hasattr(finalize, "reset_model_temporary_tensors"),
         metrics_tracker=importlib.util.find_spec(LOGGING_MODULE) is not None,
+        valid_token_count="attach_and_log_load_balancing_loss" in methods and "valid_token_count" in
+        inspect.signature(TopKRouter.attach_and_log_load_balancing_loss).parameters,
         tp_cp_token_scale=install.release >= (0, 19),
         fp32_routing=install.release >= (0, 18),
     )

@@ -22,6 +22,7 @@ the layer's token count is a multiple of 16 (336 tokens), so it compiles nothing
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -79,10 +80,16 @@ def first_use_failure(router, layer, call) -> Optional[str]:
     return f"its first-use check on {call.logits.device} disagrees with Megatron's routing, {verdict}"
 
 
-def probe_tokens(num_tokens: int) -> int:
+def probe_tokens(num_tokens: int, sequences: int = 1) -> int:
     """336 (21 x 16: the compile key of a multiple of 16, and no multiple of the 32-, 64- or
-    128-row blocks) where the layer routes a multiple of 16 tokens, else 333."""
-    return 336 if num_tokens % 16 == 0 else 333
+    128-row blocks) where the layer routes a multiple of 16 tokens, else 333; with per-sequence
+    statistics, the least multiple of the sequences at or above that keeping its divisibility by
+    16 (an odd number of sequence lengths where 16 does not divide the layer's tokens)."""
+    if num_tokens % 16 == 0:
+        step = sequences * 16 // math.gcd(sequences, 16)
+        return -(-336 // step) * step
+    length = -(-333 // sequences)
+    return sequences * (length + 1 - length % 2)
 
 
 def check(router, layer, call) -> Optional[Mismatch]:
@@ -97,7 +104,8 @@ def check(router, layer, call) -> Optional[Mismatch]:
     from moe_lbl.patches.megatron.routing import kernel_logits
 
     options, k, device = dict(call.options), router.topk, call.logits.device
-    num_tokens = probe_tokens(call.logits.shape[0])
+    sequences = options.get("sequences") or 1
+    num_tokens = probe_tokens(call.logits.shape[0], sequences)
     generator = torch.Generator().manual_seed(PROBE_SEED)
     bias = None
     if options["expert_bias"] is not None:
@@ -134,9 +142,18 @@ def check(router, layer, call) -> Optional[Mismatch]:
                     or _compare_close("score_sums", stats.score_sums, want_score_sums, tolerance)
                     or _compare_close("z_sum", stats.z_sum, want_z_sum, tolerance)
                     or _compare_registration(registration, stats))
+        if mismatch is None and stats.sequence_aux_counts is not None:  # Megatron's seq_aux_loss sums
+            per_sequence = (num_tokens // sequences, sequences, -1)
+            mismatch = (_compare_counts("sequence_aux_counts", stats.sequence_aux_counts.reshape(-1),
+                                        (aux_map & valid[:, None]).reshape(per_sequence).sum(0).reshape(-1))
+                        or _compare_close("sequence_score_sums", stats.sequence_score_sums,
+                                          (aux_scores.float() * valid[:, None]).reshape(per_sequence).sum(0),
+                                          tolerance))
     if mismatch is None and call.training:
+        want_sequence_sums = (aux_scores.float() * valid[:, None]).reshape(
+            num_tokens // sequences, sequences, -1).sum(0)
         mismatch = _compare_gradients(call, out, x_kernels, probs, x_megatron, want_probs, want_score_sums,
-                                      want_z_sum, generator)
+                                      want_z_sum, want_sequence_sums, generator)
     return mismatch
 
 
@@ -256,23 +273,28 @@ def _compare_registration(registration, stats) -> Optional[Mismatch]:
 
 
 def _compare_gradients(call, out, x_kernels, probs, x_megatron, want_probs, want_score_sums, want_z_sum,
-                       generator) -> Optional[Mismatch]:
-    """The logits gradient of sum(probs * g) + sum(score_sums * h) + w z_sum, for the outputs
-    whose gradients the layer's backward receives, random g, h and w."""
+                       want_sequence_sums, generator) -> Optional[Mismatch]:
+    """The logits gradient of sum(probs * g) + sum(score_sums * h) + w z_sum + sum(sequence
+    score sums * q), for the outputs whose gradients the layer's backward receives, random g, h,
+    w and q."""
     device = x_kernels.device
     grad_probs = torch.randn(probs.shape, generator=generator).to(device, call.dtype)
     grad_scores = torch.randn(probs.shape[1], generator=generator).to(device)
     z_weight = float(torch.rand((), generator=generator)) * 1e-2
+    grad_sequences = torch.randn(want_sequence_sums.shape, generator=generator).to(device)
 
-    def loss(probs, score_sums, z_sum):
+    def loss(probs, score_sums, z_sum, sequence_sums):
         total = (probs.float() * grad_probs.float()).sum()
         if "score_sums" in call.gradients:
             total = total + (score_sums.float() * grad_scores).sum()
         if "z_sum" in call.gradients:
             total = total + z_weight * z_sum.float()
+        if "sequence_score_sums" in call.gradients:
+            total = total + (sequence_sums.float() * grad_sequences).sum()
         return total
 
+    stats = out.stats
     with torch.enable_grad():
-        (got,) = torch.autograd.grad(loss(probs, out.stats.score_sums, out.stats.z_sum), x_kernels)
-        (want,) = torch.autograd.grad(loss(want_probs, want_score_sums, want_z_sum), x_megatron)
+        (got,) = torch.autograd.grad(loss(probs, stats.score_sums, stats.z_sum, stats.sequence_score_sums), x_kernels)
+        (want,) = torch.autograd.grad(loss(want_probs, want_score_sums, want_z_sum, want_sequence_sums), x_megatron)
     return _compare_close("logits gradient", got, want, TOLERANCES[call.dtype].relative)

@@ -21,7 +21,7 @@ from moe_lbl.patches.megatron.layer import Layer, layer_of
 
 # Balancing types the fused path computes; any other (sinkhorn, quantile balancing, a newer
 # Megatron's own) keeps Megatron's routing.
-_FUSED_BALANCING_TYPES = {"aux_loss", "global_aux_loss", "none"}
+_FUSED_BALANCING_TYPES = {"aux_loss", "global_aux_loss", "seq_aux_loss", "none"}
 
 
 def _routing(self, logits, padding_mask=None):
@@ -80,6 +80,8 @@ class KernelCall:
     options: dict
     gradients: tuple[str, ...]  # of moe_lbl.kernels.topk_router.DIFFERENTIABLE_OUTPUTS
     z_coeff: Optional[float]  # per tensor x context rank, as Megatron's z-loss takes it
+    seq_aux_coeff: Optional[float]  # seq_aux_loss's coefficient, where the call computes it
+    shape: tuple[int, ...]  # the logits' leading dimensions: [s, b] (Megatron's layout), or [T]
     specialization: tuple  # what the kernels compile for (topk_router.specialization_key), made once
 
     @property
@@ -92,8 +94,10 @@ def _kernel_call(router, layer: Layer, logits, padding_mask) -> KernelCall:
     training = router.training and torch.is_grad_enabled()
     z_coeff = config.moe_z_loss_coeff / layer.sequence_group.size() if (
         training and config.moe_z_loss_coeff is not None) else None
+    seq_aux_coeff = router.get_aux_loss_coeff("seq_aux_loss") if training else 0.0
+    seq_aux_coeff = seq_aux_coeff if seq_aux_coeff > 0 else None
     gradients = ("probs",) * training + ("score_sums",) * (training and layer.balancer.enabled) + (
-        ("z_sum",) if z_coeff is not None else ())
+        ("z_sum",) if z_coeff is not None else ()) + (("sequence_score_sums",) if seq_aux_coeff else ())
     if padding_mask is not None:
         padding_mask = padding_mask.reshape(-1)
     # Without capacity dropping the statistics kernel registers the micro-batch with the engine
@@ -104,10 +108,13 @@ def _kernel_call(router, layer: Layer, logits, padding_mask) -> KernelCall:
         num_groups=config.moe_router_num_groups, group_topk=config.moe_router_group_topk,
         scaling_factor=config.moe_router_topk_scaling_factor, expert_bias=router.expert_bias,
         padding_mask=padding_mask, compute_stats=training, dense=True, sparse=False, registration=registration)
+    shape = tuple(logits.shape[:-1])
+    if seq_aux_coeff:  # Megatron's seq_aux_loss takes the logits as [s, b, E]: b sequences
+        options["sequences"] = shape[1]
     from moe_lbl.kernels.topk_router import specialization_key
 
     routed = kernel_logits(router, layer, logits.view(-1, config.num_moe_experts))
-    return KernelCall(routed, logits.dtype, padding_mask, options, gradients, z_coeff,
+    return KernelCall(routed, logits.dtype, padding_mask, options, gradients, z_coeff, seq_aux_coeff, shape,
                       specialization_key(routed, router.topk, gradients=gradients, **options))
 
 
@@ -136,8 +143,7 @@ def _fused_unsupported(router, logits, patch: live.LivePatch) -> Optional[str]:
     config = router.config
     if not patch.features.fused_routing:
         return f"megatron-core {patch.features.version} (the fused path needs 0.14 or newer)"
-    other_types = sorted(t for t, coeff in balancing_types(config).items()
-                         if t not in _FUSED_BALANCING_TYPES and (coeff > 0 or t != "seq_aux_loss"))
+    other_types = sorted(t for t in balancing_types(config) if t not in _FUSED_BALANCING_TYPES)
     if other_types:
         return f"{', '.join(other_types)} balancing"
     if router.score_function not in FUSED_SCORE_FUNCTIONS:
@@ -148,6 +154,8 @@ def _fused_unsupported(router, logits, patch: live.LivePatch) -> Optional[str]:
         return "moe_router_fusion (TransformerEngine's fused router) is on"
     if config.num_moe_experts > MAX_EXPERTS or router.topk > MAX_TOPK:
         return f"more than {MAX_EXPERTS} experts or top-k above {MAX_TOPK}"
+    if balancing_types(config).get("seq_aux_loss", 0.0) > 0 and logits.dim() != 3:
+        return f"seq_aux_loss on logits of shape {tuple(logits.shape)} (it needs Megatron's [s, b, E])"
     if logits.dtype not in SUPPORTED_DTYPES:
         return f"router logits in {logits.dtype}"
     return None
@@ -194,12 +202,43 @@ def _fused_routing(router, layer: Layer, call: KernelCall):
             probs = layer.attach(probs, stats.score_sums, stats.aux_counts, stats.valid_tokens, load=load,
                                  z_sum=None if call.z_coeff is None else stats.z_sum, z_coeff=call.z_coeff,
                                  registration=registration)
+            if call.seq_aux_coeff:
+                probs = _apply_seq_aux_loss(router, layer, call, probs, stats)
         if router.enable_expert_bias:
             # What TopKRouter._apply_expert_bias does, which in 0.16 fails with a padding mask
             # (it combines the [T, E] map with the [T] mask without broadcasting).
             with torch.no_grad():
                 router.local_tokens_per_expert += load
     return probs, routing_map
+
+
+def _apply_seq_aux_loss(router, layer: Layer, call: KernelCall, probs, stats):
+    """TopKRouter._apply_seq_aux_loss on the kernels' per-sequence sums: the same loss, gradient
+    and logged value. Megatron reshapes the aux scores and aux top-k map [s * b, E] to [s, b * E]
+    and sums them over s; the kernels' [b, E] sums are those sums, handed on as one row."""
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+    from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
+
+    seq_length, bsz = call.shape
+    counts = stats.sequence_aux_counts.reshape(1, -1)
+    group = router.tp_cp_group
+    if call.padding_mask is not None:  # padding masks reach the router from 0.16 on
+        from megatron.core.transformer.moe.moe_utils import get_tokens_per_expert_and_token_count
+
+        tokens_per_expert, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
+            counts, group, topk=router.topk * bsz, with_padding_mask=True)
+    else:
+        tokens_per_expert = reduce_from_tensor_model_parallel_region(counts.sum(dim=0), group)
+        local_tokens, total_tokens = seq_length, seq_length * group.size()
+    aux_loss = switch_load_balancing_loss_func(
+        probs=stats.sequence_score_sums.reshape(1, -1), tokens_per_expert=tokens_per_expert,
+        total_num_tokens=total_tokens, topk=router.topk, num_experts=router.config.num_moe_experts,
+        moe_aux_loss_coeff=call.seq_aux_coeff) / bsz
+    tokens = {}
+    if layer.features.valid_token_count:
+        tokens["valid_token_count"] = local_tokens * bsz if layer.features.tp_cp_token_scale else local_tokens
+    return router.attach_and_log_load_balancing_loss(probs, call.seq_aux_coeff, aux_loss, "seq_load_balancing_loss",
+                                                     group, **tokens)
 
 
 def _dispatched(routing_map, padding_mask):

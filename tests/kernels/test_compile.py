@@ -21,8 +21,9 @@ class CompileCase(NamedTuple):
     routing: dict  # experts, topk and fused_topk_router's routing options (expert_bias: whether one)
     dtype: str  # of the logits
     tokens: int
-    outputs: dict  # dense, sparse, stats, padding: what the forward computes
-    grads: dict  # probs, topk_probs, lbl (score_sums), z (z_sum): what reaches the backward
+    outputs: dict  # dense, sparse, stats, padding, sequences (optional): what the forward computes
+    grads: dict  # probs, topk_probs, lbl (score_sums), z (z_sum), sequence (sequence_score_sums): what
+    # reaches the backward
     registration: dict = None  # sequence, batch, in_forward: an engine's registration, filled by the statistics
 
 
@@ -34,14 +35,18 @@ CASES = [CompileCase(*case) for case in [
     # Pre-softmax on fp32 (aux top-k shared with routing), sparse outputs only, one token.
     (dict(experts=64, topk=2, use_pre_softmax=True, scaling_factor=2.0), "float32", 1,
      dict(dense=False, sparse=True, stats=False, padding=False), dict(topk_probs=True)),
-    # Pre-softmax on bf16 (separate aux top-k), group-limited, both outputs.
+    # Pre-softmax on bf16 (separate aux top-k), group-limited, both outputs; per-sequence
+    # statistics (11 sequences) and their gradient on the sparse path.
     (dict(experts=160, topk=6, use_pre_softmax=True, num_groups=8, group_topk=3), "bfloat16", 517,
-     dict(dense=True, sparse=True, stats=True, padding=False), dict(probs=True, topk_probs=True, lbl=True)),
-    # Sigmoid with expert bias and groups (fp32 selection keys), scaling, padding; registered
-    # without count sums, by a recomputation.
+     dict(dense=True, sparse=True, stats=True, padding=False, sequences=11),
+     dict(probs=True, topk_probs=True, lbl=True, sequence=True)),
+    # Sigmoid with expert bias and groups (fp32 selection keys), scaling, padding, per-sequence
+    # statistics and their gradient alone (seq_aux_loss, DeepSeek-V3 style); registered without
+    # count sums, by a recomputation.
     (dict(experts=256, topk=8, score_function="sigmoid", num_groups=8, group_topk=4, expert_bias=True,
-          scaling_factor=2.5), "bfloat16", 65536, dict(dense=True, sparse=False, stats=True, padding=True),
-     dict(probs=True, lbl=True, z=True), dict(sequence=False, batch=False, in_forward=False)),
+          scaling_factor=2.5), "bfloat16", 65536,
+     dict(dense=True, sparse=False, stats=True, padding=True, sequences=4),
+     dict(probs=True, sequence=True, z=True), dict(sequence=False, batch=False, in_forward=False)),
     # Sigmoid without bias on fp16, experts not a power of two, top-1; registered with the sum
     # over the sequence group.
     (dict(experts=60, topk=1, score_function="sigmoid"), "float16", 300,
@@ -111,12 +116,14 @@ def run_case(routing, dtype, tokens, outputs, grads, registration):
         logits, compute_stats=outputs["stats"], dense=outputs["dense"], sparse=outputs["sparse"],
         expert_bias=torch.empty(experts, device=meta) if routing.get("expert_bias") else None,
         padding_mask=torch.empty(tokens, dtype=torch.bool, device=meta) if outputs["padding"] else None,
-        registration=registration, **options)
+        sequences=outputs.get("sequences"), registration=registration, **options)
     loss = [getattr(out, name).float().sum() for name in ("probs", "topk_probs") if grads.get(name)]
     if grads.get("lbl"):
         loss.append(out.stats.score_sums.sum())
     if grads.get("z"):
         loss.append(out.stats.z_sum)
+    if grads.get("sequence"):
+        loss.append(out.stats.sequence_score_sums.sum())
     sum(loss).backward()
 
 

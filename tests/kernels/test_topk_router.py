@@ -212,7 +212,7 @@ def test_results_are_deterministic(device):
     logits = torch.randn(1000, 64).to(device)
     runs = [fused_topk_router(logits, 4, launch=launch_for(device)) for _ in range(2)]
     for a, b in zip(runs[0].stats.__dict__.values(), runs[1].stats.__dict__.values()):
-        assert torch.equal(a, b)
+        assert (a is None and b is None) or torch.equal(a, b)
     assert torch.equal(runs[0].probs, runs[1].probs)
 
 

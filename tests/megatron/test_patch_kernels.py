@@ -111,8 +111,8 @@ def test_kernel_mode_is_validated(megatron_world):
     moe_lbl.patch_megatron(kernels=True)
     router = build_router(num_experts=8, topk=2, moe_router_load_balancing_type=["seq_aux_loss"],
                           moe_aux_loss_coeff=[0.1])
-    with pytest.raises(ValueError, match="cannot fuse this router: seq_aux_loss"):
-        router.routing(torch.randn(4, 1, 8))
+    with pytest.raises(ValueError, match=r"cannot fuse this router: seq_aux_loss on logits of shape \(4, 8\)"):
+        router.routing(torch.randn(4, 8))
 
 
 def test_fused_expert_bias_counts_exclude_padding(megatron_world):
