@@ -11,7 +11,8 @@ T=65536 on an H100:
   backward: read logits and the probs gradient, write the logits gradient, 3*T*E*s; s bytes per
   element) at 3.35 TB/s;
 
-and their ratio (issue / floor; at or below 1 the kernel can be memory-bound). It is a model: it
+and their ratio (issue / floor; at or below 1 the kernel can be memory-bound). The statistics
+kernel, which sums the forward's per-program partials (no per-token work), is left out. It is a model: it
 is blind to stalls (memory latency, dependent arithmetic, shuffles waiting on each other), to
 occupancy too low to hide them, and to instructions outside the main loop; a runtime branch
 inside the loop is counted as if always taken. The H100 constants are used for every target, so
@@ -66,19 +67,22 @@ class Config:
     num_groups: Optional[int] = None
     group_topk: Optional[int] = None
     expert_bias: bool = False
+    sequences: Optional[int] = None  # per-sequence statistics (seq_aux_loss) of this many sequences
 
     def run(self, tokens: int = TOKENS) -> None:
-        """Forward with statistics, backward from the probs with balancing and z-loss gradients."""
+        """Forward with statistics, backward from the probs with balancing and z-loss gradients
+        (and the per-sequence balancing gradient, with sequences)."""
         meta = torch.device("meta")
         logits = torch.empty(tokens, self.experts, dtype=DTYPES[self.dtype], device=meta, requires_grad=True)
         bias = torch.empty(self.experts, device=meta) if self.expert_bias else None
         out = fused_topk_router(
             logits, self.topk, score_function=self.score_function, use_pre_softmax=self.use_pre_softmax,
             num_groups=self.num_groups, group_topk=self.group_topk, expert_bias=bias,
-            dense=True, sparse=False)
-        torch.autograd.backward([out.probs, out.stats.score_sums, out.stats.z_sum],
-                                [torch.empty_like(out.probs), torch.empty_like(out.stats.score_sums),
-                                 torch.empty_like(out.stats.z_sum)])
+            dense=True, sparse=False, sequences=self.sequences)
+        outputs = [out.probs, out.stats.score_sums, out.stats.z_sum]
+        if self.sequences:
+            outputs.append(out.stats.sequence_score_sums)
+        torch.autograd.backward(outputs, [torch.empty_like(t) for t in outputs])
 
     def essential_bytes(self, kernel: str, tokens: int = TOKENS) -> int:
         size = torch.tensor([], dtype=DTYPES[self.dtype]).element_size()
@@ -93,6 +97,8 @@ CONFIGS = [
     Config("E256-k8", 256, 8),
     Config("E256-k8-sigmoid-bias-groups8x4", 256, 8, score_function="sigmoid", num_groups=8, group_topk=4,
            expert_bias=True),
+    Config("E256-k8-sigmoid-bias-groups8x4-seq4", 256, 8, score_function="sigmoid", num_groups=8, group_topk=4,
+           expert_bias=True, sequences=4),
     Config("E64-k2-pre-fp32", 64, 2, dtype="fp32", use_pre_softmax=True),
     Config("E512-k8", 512, 8),
     Config("E2048-k16", 2048, 16),
@@ -142,6 +148,8 @@ def report(configs, capabilities) -> list[dict]:
         for compiled in aot.compile_all(config.run, capabilities):
             launch = compiled.launch
             kernel = launch.name
+            if "BLOCK_T" not in launch.kwargs:  # router_statistics: a pass over the partials, not the tokens
+                continue
             block_t = launch.kwargs["BLOCK_T"]
             loop = main_loop_instructions(compiled.kernel.asm["cubin"])
             per_token = loop * compiled.num_warps / block_t
