@@ -22,6 +22,10 @@ ROUTERS = {
     "sigmoid-bias-groups": dict(num_experts=16, topk=4, moe_aux_loss_coeff=0.1, moe_router_score_function="sigmoid",
                                 moe_router_enable_expert_bias=True, moe_router_num_groups=4,
                                 moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5),
+    "sigmoid-bias-groups-seq": dict(num_experts=16, topk=4, moe_router_load_balancing_type="seq_aux_loss",
+                                    moe_aux_loss_coeff=0.1, moe_router_score_function="sigmoid",
+                                    moe_router_enable_expert_bias=True, moe_router_num_groups=4,
+                                    moe_router_group_topk=2),
 }
 
 
@@ -101,6 +105,15 @@ def one_count_wrong(out: RouterOutput) -> RouterOutput:
                         RouterStats(counts, stats.dispatch_counts, stats.score_sums, stats.valid_tokens, stats.z_sum))
 
 
+def one_sequence_count_wrong(out: RouterOutput) -> RouterOutput:
+    stats = out.stats
+    counts = stats.sequence_aux_counts.clone()
+    counts[0, 3] += 1
+    return RouterOutput(out.probs, out.routing_map, out.topk_indices, out.topk_probs,
+                        RouterStats(stats.aux_counts, stats.dispatch_counts, stats.score_sums, stats.valid_tokens,
+                                    stats.z_sum, counts, stats.sequence_score_sums))
+
+
 MUTANTS = {
     # name: (router, logits dtype, change, what the check reports)
     "swapped experts in one row": ("softmax", torch.float32, swap_experts_in_one_row,
@@ -109,6 +122,8 @@ MUTANTS = {
                          r"probs: largest error 4\.0 ulps of torch\.bfloat16 \(tolerance 2\)"),
     "a wrong count": ("softmax", torch.float32, one_count_wrong,
                       r"aux_counts: \d+ at index 3 against Megatron's \d+"),
+    "a wrong sequence count": ("sigmoid-bias-groups-seq", torch.float32, one_sequence_count_wrong,
+                               r"sequence_aux_counts: \d+ at index 3 against Megatron's \d+"),
 }
 
 
