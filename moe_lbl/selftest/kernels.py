@@ -248,9 +248,47 @@ def check_nan_rows(cuda: bool, seed: int) -> str:
     return f"seed {seed}; rows 3 (one NaN), 7 (all NaN), 9 (inf), 11 (-inf)"
 
 
+def check_sequences(cuda: bool, seed: int) -> str:
+    """Per-sequence statistics (seq_aux_loss) of 4 sequences laid out [s, 4], DeepSeek-V3 style
+    routing with padding: counts and score sums per sequence, and the gradient of a loss on them."""
+    from moe_lbl.kernels import fused_topk_router
+    from moe_lbl.kernels.topk_router_reference import near_tie_rows, reference_routing
+
+    sequences = 4
+    c = Case(64, 8, sequences * (1025 if cuda else 37), torch.bfloat16, score="sigmoid", groups=8, group_topk=4,
+             bias=True, padding=0.1)
+    device = torch.device("cuda" if cuda else "cpu")
+    logits, bias, padding = inputs(c, seed)
+    on = (lambda t: None if t is None else t.to(device))  # noqa: E731
+    x = on(logits).clone().requires_grad_()
+    with poisoned():
+        out = fused_topk_router(x, c.k, expert_bias=on(bias), padding_mask=on(padding), sequences=sequences,
+                                launch=_launch(cuda), sparse=False, **c.routing())
+    x64 = logits.double().requires_grad_()
+    ref = reference_routing(logits, c.k, expert_bias=bias, x=x64, **c.routing())
+    valid = ~padding
+    per_sequence = (-1, sequences, c.E)
+    aux_map = torch.zeros(c.T, c.E, dtype=torch.bool).scatter(1, ref.aux_indices, True) & valid[:, None]
+    aux_near = (near_tie_rows(ref.aux_scores.detach(), c.k, 4 * EPS[c.aux_dtype]) & valid).reshape(-1, sequences)
+    moved = (out.stats.sequence_aux_counts.cpu() - aux_map.reshape(per_sequence).sum(0)).abs().sum(1)
+    if bool((moved > 2 * c.k * aux_near.sum(0)).any()):
+        raise AssertionError(f"sequence_aux_counts: {moved.tolist()} off per sequence")
+    want = (ref.aux_scores * valid[:, None]).reshape(per_sequence).sum(0)
+    _close("sequence_score_sums", out.stats.sequence_score_sums.detach().cpu(), want.detach(), 1e-3,
+           c.T // sequences * EPS[c.aux_dtype])
+    weights = torch.randn(sequences, c.E, generator=torch.Generator().manual_seed(seed + 1))
+    with poisoned():
+        (out.stats.sequence_score_sums * on(weights)).sum().backward()
+    (want * weights.double()).sum().backward()
+    rtol, atol = GRAD_TOL[c.dtype]
+    error = _close("logits gradient", x.grad.cpu(), x64.grad, rtol, atol * float(x64.grad.abs().max()))
+    return f"seed {seed}; {sequences} sequences of {c.T // sequences} tokens, gradient {error:.2g} off at most"
+
+
 def checks(cuda: bool) -> Iterator[Check]:
     seed = int(time.time()) % 100_000
     for index, case in enumerate(CUDA_CASES if cuda else INTERPRETER_CASES):
         yield timed(SECTION, case.name, lambda case=case, index=index: check_case(case, cuda, seed + index))
     yield timed(SECTION, "exact ties", lambda: check_ties(cuda, seed))
     yield timed(SECTION, "NaN and inf rows", lambda: check_nan_rows(cuda, seed))
+    yield timed(SECTION, "per-sequence statistics", lambda: check_sequences(cuda, seed))
