@@ -108,7 +108,10 @@ def router_forward(
             first = first_of_all
         else:
             first = row_max(keys)
-        top, kth = top_keys(keys, first, K, KP, SELECT_BITS, WRITE_SPARSE)
+        # Runs of a thread's consecutive experts: those of one load of the logits (16 bytes, or
+        # what divides a group of experts).
+        RUN: tl.constexpr = min(128 // DTYPE.primitive_bitwidth, GS & -GS, BLOCK_G * BLOCK_GS)
+        top, kth = top_keys(keys, K, KP, SELECT_BITS, WRITE_SPARSE, RUN)
         valid = row_ok
         if HAS_PADDING:
             valid = valid & (tl.load(padding_ptr + rows, mask=row_ok, other=1) == 0)
@@ -195,14 +198,11 @@ def router_forward(
                 # No bias here: keys of logits-dtype values.
                 if POST_SOFTMAX:  # softmax keeps the logits' order: rank the logits themselves
                     aux_keys = all_keys
-                    aux_first = first_of_all
                 elif SOFTMAX:
                     aux_keys = sort_key(x, expert, col_ok, LOGIT_BITS)
-                    aux_first = row_max(aux_keys)
                 else:
                     aux_keys = sort_key(aux, expert, col_ok, LOGIT_BITS)
-                    aux_first = row_max(aux_keys)
-                _, aux_kth = top_keys(aux_keys, aux_first, K, KP, LOGIT_BITS, False)
+                _, aux_kth = top_keys(aux_keys, K, KP, LOGIT_BITS, False, RUN)
                 aux_kth = tl.where(valid, aux_kth, above_keys(LOGIT_BITS))
                 count_aux += (aux_keys >= aux_kth[:, None, None]).to(tl.int32)
                 count_dispatch += counted.to(tl.int32)
