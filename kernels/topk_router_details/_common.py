@@ -194,31 +194,55 @@ def sorted_runs(keys, RUN: tl.constexpr, LENGTH: tl.constexpr):
 
 
 @triton.jit
-def top_keys(keys, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr, GATHER: tl.constexpr,
-             RUN: tl.constexpr):
-    """The K largest keys of each row of a [BLOCK_T, BLOCK_G, BLOCK_GS] tile: (all K, largest
-    first, as [BLOCK_T, KP] when GATHER (columns from K on repeat the K-th), the K-th).
+def max_key(keys, axis: tl.constexpr, VALUE_BITS: tl.constexpr):
+    """tl.max(keys, axis); int64 keys as two 32-bit maxima, high word then low word among the
+    highest (a warp reduces 32 bits in one instruction, 64 bits in a chain of shuffles)."""
+    if VALUE_BITS == 32:
+        high = (keys >> 32).to(tl.int32)
+        top = tl.max(high, axis)
+        low = keys.to(tl.int32) ^ (-(1 << 31))  # unsigned order as signed
+        low = tl.max(tl.where(high == tl.expand_dims(top, axis), low, -(1 << 31)), axis)
+        return (top.to(tl.int64) << 32) | ((low ^ (-(1 << 31))).to(tl.int64) & 0xFFFFFFFF)
+    else:
+        return tl.max(keys, axis)
 
-    A K-way merge of sorted_runs: keys are unique, so each round the run whose head is the
-    largest drops it. (Every value here derives from the runs: a row maximum of `keys` would
-    pull the runs into its layout, each thread holding all of them.)
+
+@triton.jit
+def shift_runs(run, popped, LENGTH: tl.constexpr, VALUE_BITS: tl.constexpr):
+    """The first LENGTH entries of sorted runs after the runs where `popped` dropped their head."""
+    shifted = ()
+    for i in tl.static_range(min(len(run), LENGTH)):
+        if i + 1 < len(run):
+            shifted = shifted + (tl.where(popped, run[i + 1], run[i]),)
+        else:
+            shifted = shifted + (tl.where(popped, no_key(VALUE_BITS), run[i]),)
+    return shifted
+
+
+@triton.jit
+def merge_runs(run, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr, GATHER: tl.constexpr):
+    """The K largest keys of each row of sorted_runs: (all K, largest first, as [BLOCK_T, KP]
+    when GATHER (columns from K on repeat the K-th), the K-th).
+
+    A K-way merge: keys are unique, so each round the run whose head is the largest drops it.
+    (Every value here derives from the runs: a row maximum of the tile would pull the runs into
+    its layout, each thread holding all of them.)
     """
     rank = tl.arange(0, KP)[None, :]
-    run = sorted_runs(keys, RUN, min(RUN, K))
-    best = tl.max(run[0], 1)
+    best = max_key(run[0], 1, VALUE_BITS)
     chosen = best[:, None]
     if GATHER:
-        chosen = tl.zeros([keys.shape[0], KP], keys.dtype) + best[:, None]
+        chosen = tl.zeros([best.shape[0], KP], best.dtype) + best[:, None]
     for r in tl.static_range(1, K):
-        popped = run[0] == best[:, None]
-        shifted = ()  # later rounds read at most K - r entries of a run
-        for i in tl.static_range(min(len(run), K - r)):
-            if i + 1 < len(run):
-                shifted = shifted + (tl.where(popped, run[i + 1], run[i]),)
-            else:
-                shifted = shifted + (tl.where(popped, no_key(VALUE_BITS), run[i]),)
-        run = shifted
-        best = tl.max(run[0], 1)
+        run = shift_runs(run, run[0] == best[:, None], K - r, VALUE_BITS)  # later rounds read K - r entries
+        best = max_key(run[0], 1, VALUE_BITS)
         if GATHER:
             chosen = tl.where(rank >= r, best[:, None], chosen)
     return chosen, best
+
+
+@triton.jit
+def top_keys(keys, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr, GATHER: tl.constexpr,
+             RUN: tl.constexpr):
+    """merge_runs of a [BLOCK_T, BLOCK_G, BLOCK_GS] tile's runs of RUN keys."""
+    return merge_runs(sorted_runs(keys, RUN, min(RUN, K)), K, KP, VALUE_BITS, GATHER)
