@@ -153,20 +153,96 @@ def key_value(key, VALUE_BITS: tl.constexpr):
 
 
 @triton.jit
-def top_keys(keys, first, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr, GATHER: tl.constexpr):
-    """The K largest keys of each row of a [BLOCK_T, BLOCK_G, BLOCK_GS] tile, given the largest
-    (`first`, row_max(keys), often at hand): (all K, largest first, as [BLOCK_T, KP] when GATHER
-    (columns from K on repeat the K-th), the K-th).
+def _compare_exchange(run, a: tl.constexpr, b: tl.constexpr):
+    """Entries a < b of a tuple, the larger first."""
+    high = tl.maximum(run[a], run[b])
+    low = tl.minimum(run[a], run[b])
+    return run[:a] + (high,) + run[a + 1:b] + (low,) + run[b + 1:]
 
-    Keys are unique, so each round is one masked max: the largest key below the last one.
+
+@triton.jit
+def _sort(run):
+    """A tuple sorted, largest first: Batcher's odd-even merge sort (19 compare-exchanges for 8;
+    the compiler drops those no kept entry needs), merging sorted blocks of 2**stage."""
+    SIZE: tl.constexpr = len(run)
+    for stage in tl.static_range(SIZE.bit_length() - 1):
+        for step in tl.static_range(stage + 1):
+            for j in tl.static_range((1 << (stage - step)) % (1 << stage), SIZE - (1 << (stage - step)),
+                                     2 << (stage - step)):
+                for i in tl.static_range(1 << (stage - step)):
+                    if (i + j) >> (stage + 1) == (i + j + (1 << (stage - step))) >> (stage + 1):
+                        run = _compare_exchange(run, i + j, i + j + (1 << (stage - step)))
+    return run
+
+
+@triton.jit
+def sorted_runs(keys, RUN: tl.constexpr, LENGTH: tl.constexpr):
+    """The LENGTH <= RUN largest of each run of RUN consecutive keys of a [BLOCK_T, BLOCK_G,
+    BLOCK_GS] tile (what one thread holds), sorted: a tuple of LENGTH [BLOCK_T, W // RUN]
+    tensors, the i-th holding every run's i-th largest key. In registers, a merge round moves
+    one key per thread, not RUN.
+    """
+    WIDTH: tl.constexpr = keys.shape[1] * keys.shape[2]
+    run = (tl.reshape(keys, [keys.shape[0], WIDTH]),)
+    for level in tl.static_range(RUN.bit_length() - 1):  # halve each part: its even, odd entries
+        halves = ()
+        for part in tl.static_range(len(run)):
+            even, odd = tl.split(tl.reshape(run[part], [keys.shape[0], WIDTH >> (level + 1), 2]))
+            halves = halves + (even, odd)
+        run = halves
+    return _sort(run)[:LENGTH]
+
+
+@triton.jit
+def max_key(keys, axis: tl.constexpr, VALUE_BITS: tl.constexpr):
+    """tl.max(keys, axis); int64 keys as two 32-bit maxima, high word then low word among the
+    highest (a warp reduces 32 bits in one instruction, 64 bits in a chain of shuffles)."""
+    if VALUE_BITS == 32:
+        high = (keys >> 32).to(tl.int32)
+        top = tl.max(high, axis)
+        low = keys.to(tl.int32) ^ (-(1 << 31))  # unsigned order as signed
+        low = tl.max(tl.where(high == tl.expand_dims(top, axis), low, -(1 << 31)), axis)
+        return (top.to(tl.int64) << 32) | ((low ^ (-(1 << 31))).to(tl.int64) & 0xFFFFFFFF)
+    else:
+        return tl.max(keys, axis)
+
+
+@triton.jit
+def shift_runs(run, popped, LENGTH: tl.constexpr, VALUE_BITS: tl.constexpr):
+    """The first LENGTH entries of sorted runs after the runs where `popped` dropped their head."""
+    shifted = ()
+    for i in tl.static_range(min(len(run), LENGTH)):
+        if i + 1 < len(run):
+            shifted = shifted + (tl.where(popped, run[i + 1], run[i]),)
+        else:
+            shifted = shifted + (tl.where(popped, no_key(VALUE_BITS), run[i]),)
+    return shifted
+
+
+@triton.jit
+def merge_runs(run, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr, GATHER: tl.constexpr):
+    """The K largest keys of each row of sorted_runs: (all K, largest first, as [BLOCK_T, KP]
+    when GATHER (columns from K on repeat the K-th), the K-th).
+
+    A K-way merge: keys are unique, so each round the run whose head is the largest drops it.
+    (Every value here derives from the runs: a row maximum of the tile would pull the runs into
+    its layout, each thread holding all of them.)
     """
     rank = tl.arange(0, KP)[None, :]
-    best = first
-    chosen = first[:, None]
+    best = max_key(run[0], 1, VALUE_BITS)
+    chosen = best[:, None]
     if GATHER:
-        chosen = tl.zeros([keys.shape[0], KP], keys.dtype) + first[:, None]
+        chosen = tl.zeros([best.shape[0], KP], best.dtype) + best[:, None]
     for r in tl.static_range(1, K):
-        best = row_max(tl.where(keys < best[:, None, None], keys, no_key(VALUE_BITS)))
+        run = shift_runs(run, run[0] == best[:, None], K - r, VALUE_BITS)  # later rounds read K - r entries
+        best = max_key(run[0], 1, VALUE_BITS)
         if GATHER:
             chosen = tl.where(rank >= r, best[:, None], chosen)
     return chosen, best
+
+
+@triton.jit
+def top_keys(keys, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr, GATHER: tl.constexpr,
+             RUN: tl.constexpr):
+    """merge_runs of a [BLOCK_T, BLOCK_G, BLOCK_GS] tile's runs of RUN keys."""
+    return merge_runs(sorted_runs(keys, RUN, min(RUN, K)), K, KP, VALUE_BITS, GATHER)

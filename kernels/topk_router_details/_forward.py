@@ -14,35 +14,50 @@ from moe_lbl.kernels.topk_router_details._common import (
     key_value,
     load_rows,
     log,
+    max_key,
+    merge_runs,
     no_key,
     round_to,
     row_max,
     row_sum,
+    shift_runs,
     sigmoid,
     sort_key,
+    sorted_runs,
     top_keys,
 )
 
 
 @triton.jit
-def _group_mask(keys, G, K: tl.constexpr, GROUP_TOPK: tl.constexpr, BLOCK_G: tl.constexpr,
+def _group_mask(keys, G, K: tl.constexpr, GROUP_TOPK: tl.constexpr, BLOCK_G: tl.constexpr, RUN: tl.constexpr,
                 KEY_BITS: tl.constexpr, ROUND_GROUP: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     """Keep the keys of each row's GROUP_TOPK best groups, a group scored by the sum of its top
-    K // GROUP_TOPK values (Megatron's group-limited routing); the rest become no_key."""
-    group_score = tl.zeros([keys.shape[0], BLOCK_G], tl.float32)
-    remaining = keys
-    for _ in tl.static_range(K // GROUP_TOPK):
-        best = tl.max(remaining, 2)
+    K // GROUP_TOPK values (Megatron's group-limited routing); the rest become no_key. Returns
+    the masked keys and their sorted_runs (RUN divides a group: a run is one group's)."""
+    run = sorted_runs(keys, RUN, min(RUN, K))
+    RUNS: tl.constexpr = keys.shape[2] // RUN  # per group
+    in_group = ()
+    for i in tl.static_range(len(run)):
+        in_group = in_group + (tl.reshape(run[i], [keys.shape[0], BLOCK_G, RUNS]),)
+    best = max_key(in_group[0], 2, KEY_BITS)
+    group_score = key_value(best, KEY_BITS)
+    for r in tl.static_range(1, K // GROUP_TOPK):
+        in_group = shift_runs(in_group, in_group[0] == best[:, :, None], K // GROUP_TOPK - r, KEY_BITS)
+        best = max_key(in_group[0], 2, KEY_BITS)
         group_score += key_value(best, KEY_BITS)
-        remaining = tl.where(remaining == best[:, :, None], no_key(KEY_BITS), remaining)
     if ROUND_GROUP:
         group_score = round_to(group_score, DTYPE, INTERPRETED)
     g2 = tl.arange(0, BLOCK_G)[None, :]
     group_keys = sort_key(group_score, g2, g2 < G, KEY_BITS)
-    best = tl.max(group_keys, 1)
+    best = max_key(group_keys, 1, KEY_BITS)
     for _ in tl.static_range(1, GROUP_TOPK):
-        best = tl.max(tl.where(group_keys < best[:, None], group_keys, no_key(KEY_BITS)), 1)
-    return tl.where((group_keys >= best[:, None])[:, :, None], keys, no_key(KEY_BITS))
+        best = max_key(tl.where(group_keys < best[:, None], group_keys, no_key(KEY_BITS)), 1, KEY_BITS)
+    kept = (group_keys >= best[:, None])[:, :, None]
+    masked_run = ()
+    for i in tl.static_range(len(run)):
+        masked = tl.where(kept, tl.reshape(run[i], [keys.shape[0], BLOCK_G, RUNS]), no_key(KEY_BITS))
+        masked_run = masked_run + (tl.reshape(masked, [keys.shape[0], BLOCK_G * RUNS]),)
+    return tl.where(kept, keys, no_key(KEY_BITS)), masked_run
 
 
 @triton.jit
@@ -101,14 +116,19 @@ def router_forward(
                 all_keys = sort_key(scores + bias, expert, col_ok, SELECT_BITS)  # fp32, as in Megatron
             else:
                 all_keys = sort_key(scores, expert, col_ok, SELECT_BITS)
-        keys = all_keys
+        # Runs of a thread's consecutive experts: those of one load of the logits (16 bytes, or
+        # what divides a group of experts).
+        RUN: tl.constexpr = min(128 // DTYPE.primitive_bitwidth, GS & -GS, BLOCK_G * BLOCK_GS)
         if GROUP_TOPK > 0:
-            keys = _group_mask(keys, G, K, GROUP_TOPK, BLOCK_G, SELECT_BITS, not HAS_BIAS, DTYPE, INTERPRETED)
+            keys, run = _group_mask(all_keys, G, K, GROUP_TOPK, BLOCK_G, RUN, SELECT_BITS, not HAS_BIAS, DTYPE,
+                                    INTERPRETED)
+        else:
+            keys, run = all_keys, sorted_runs(all_keys, RUN, min(RUN, K))
         if POST_SOFTMAX and GROUP_TOPK == 0:
             first = first_of_all
         else:
             first = row_max(keys)
-        top, kth = top_keys(keys, first, K, KP, SELECT_BITS, WRITE_SPARSE)
+        top, kth = merge_runs(run, K, KP, SELECT_BITS, WRITE_SPARSE)
         valid = row_ok
         if HAS_PADDING:
             valid = valid & (tl.load(padding_ptr + rows, mask=row_ok, other=1) == 0)
@@ -195,14 +215,11 @@ def router_forward(
                 # No bias here: keys of logits-dtype values.
                 if POST_SOFTMAX:  # softmax keeps the logits' order: rank the logits themselves
                     aux_keys = all_keys
-                    aux_first = first_of_all
                 elif SOFTMAX:
                     aux_keys = sort_key(x, expert, col_ok, LOGIT_BITS)
-                    aux_first = row_max(aux_keys)
                 else:
                     aux_keys = sort_key(aux, expert, col_ok, LOGIT_BITS)
-                    aux_first = row_max(aux_keys)
-                _, aux_kth = top_keys(aux_keys, aux_first, K, KP, LOGIT_BITS, False)
+                _, aux_kth = top_keys(aux_keys, K, KP, LOGIT_BITS, False, RUN)
                 aux_kth = tl.where(valid, aux_kth, above_keys(LOGIT_BITS))
                 count_aux += (aux_keys >= aux_kth[:, None, None]).to(tl.int32)
                 count_dispatch += counted.to(tl.int32)

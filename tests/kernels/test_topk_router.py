@@ -208,6 +208,21 @@ def test_exact_ties_break_toward_the_lower_index(dtype, score, pre, device, pois
     assert torch.equal(out.stats.aux_counts.cpu(), aux_map.sum(0))
 
 
+def test_exact_ties_of_biased_scores_and_group_scores_break_toward_the_lower_index(device, poisoned):
+    """fp32 selection keys (bf16 sigmoid + an fp32 bias, exact sums here) and group scores, with
+    many exact ties inside and across each thread's run of experts."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randint(-4, 5, (300, 64), generator=g).to(torch.bfloat16)
+    bias = torch.randint(-2, 3, (64,), generator=g).float() / 16
+    routing = dict(score_function="sigmoid", num_groups=8, group_topk=4, expert_bias=bias)
+    ref = reference_routing(logits, 8, **routing)
+    out = fused_topk_router(logits.to(device), 8, **{**routing, "expert_bias": bias.to(device)},
+                            launch=launch_for(device))
+    assert torch.equal(out.topk_indices.cpu().long(), ref.indices)
+    aux_map = torch.zeros(300, 64, dtype=torch.bool).scatter(1, ref.aux_indices, True)
+    assert torch.equal(out.stats.aux_counts.cpu(), aux_map.sum(0))
+
+
 def test_results_are_deterministic(device):
     logits = torch.randn(1000, 64).to(device)
     runs = [fused_topk_router(logits, 4, launch=launch_for(device)) for _ in range(2)]
