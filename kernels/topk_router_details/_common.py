@@ -124,14 +124,15 @@ def sort_key(value, index, ok, VALUE_BITS: tl.constexpr):
     The value's order-preserving integer (its fp32 bits, magnitude flipped for negatives) keeps
     its VALUE_BITS significant high bits (16 for bf16 values, 19 for fp16: int32 keys; 32 for
     fp32: int64 keys) above INDEX_BITS bits holding INDEX_MASK - index. Outside `ok` the key is
-    below every valid one.
+    below every valid one. Below 32 bits, `value` must be a number of that dtype (its low
+    32 - VALUE_BITS bits zero, as every value of bf16 or fp16 is in fp32, NaN and inf included).
     """
     bits = value.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     if VALUE_BITS == 32:
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
         key = (ordered.to(tl.int64) << INDEX_BITS) | (index ^ INDEX_MASK).to(tl.int64)
-    else:  # the low 32 - VALUE_BITS >= INDEX_BITS bits carry no value: the index goes there
-        key = (ordered & (-1 << (32 - VALUE_BITS))) | (index ^ INDEX_MASK)
+    else:  # the low 32 - VALUE_BITS >= INDEX_BITS bits are zero, kept so by the flip: the index goes there
+        key = (bits ^ ((bits >> 31) & (0x7FFFFFFF & (-1 << (32 - VALUE_BITS))))) | (index ^ INDEX_MASK)
     return tl.where(ok, key, no_key(VALUE_BITS))
 
 
@@ -148,7 +149,7 @@ def key_value(key, VALUE_BITS: tl.constexpr):
         bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
     else:
         ordered = key & (-1 << (32 - VALUE_BITS))
-        bits = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)) & (-1 << (32 - VALUE_BITS))
+        bits = ordered ^ ((ordered >> 31) & (0x7FFFFFFF & (-1 << (32 - VALUE_BITS))))
     return bits.to(tl.float32, bitcast=True)
 
 
