@@ -242,6 +242,63 @@ def merge_runs(run, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr,
     return chosen, best
 
 
+# Value keys: fp32 values as order-preserving int32s without the expert index, for a top-k that
+# only needs the set (the dense outputs, the counts): 32-bit compare-exchanges and reductions
+# where (value, index) keys of fp32 values take 64 bits. Equal values make equal keys: the
+# merge drops one head a round, of the lowest run among the equal largest, so the K largest are
+# those above the K-th, the K-th's equals in lower runs, and in the K-th's own run as many of
+# its equals, in index order, as the merge dropped there (top_mask).
+NO_VALUE = tl.constexpr(-(1 << 31))  # below every value key (the key of no fp32 value but one negative NaN)
+
+
+@triton.jit
+def value_key(value, ok):
+    """fp32 values as order-preserving int32 keys (magnitude flipped for negatives); NO_VALUE
+    outside `ok`."""
+    bits = value.to(tl.int32, bitcast=True)
+    return tl.where(ok, bits ^ ((bits >> 31) & 0x7FFFFFFF), NO_VALUE)
+
+
+@triton.jit
+def value_of(key):
+    """The fp32 value of a value_key."""
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def merge_values(run, K: tl.constexpr):
+    """Of each row of sorted_runs of value keys (equal keys allowed): the K-th largest key, the
+    run it came from, and how many keys equal to it that run gave (as many of its equals, in
+    index order). Each round the lowest run whose head is the largest drops it: equal keys leave
+    run by run, in index order."""
+    run_index = tl.arange(0, run[0].shape[1])[None, :]
+    best = tl.max(run[0], 1)
+    source = tl.min(tl.where(run[0] == best[:, None], run_index, run[0].shape[1]), 1)
+    given = tl.zeros(best.shape, tl.int32) + 1
+    for r in tl.static_range(1, K):
+        run = shift_runs(run, run_index == source[:, None], K - r, 16)  # later rounds read K - r entries
+        next_best = tl.max(run[0], 1)
+        next_source = tl.min(tl.where(run[0] == next_best[:, None], run_index, run[0].shape[1]), 1)
+        given = tl.where((next_best == best) & (next_source == source), given + 1, 1)
+        best, source = next_best, next_source
+    return best, source, given
+
+
+@triton.jit
+def top_mask(keys, kth, source, given, RUN: tl.constexpr):
+    """The K largest of each row of a [BLOCK_T, BLOCK_G, BLOCK_GS] tile of value keys, given
+    merge_values of its runs of RUN keys: ties go to the lower index, as Megatron orders them."""
+    RUNS: tl.constexpr = keys.shape[1] * keys.shape[2] // RUN
+    shape: tl.constexpr = [keys.shape[0], RUNS, RUN]
+    in_runs = tl.reshape(keys, shape)
+    equal = in_runs == kth[:, None, None]
+    run_index = tl.arange(0, RUNS)[None, :, None]
+    equal_before = tl.cumsum(equal.to(tl.int32), 2) - equal.to(tl.int32)  # within the run: in registers
+    from_source = (run_index == source[:, None, None]) & (equal_before < given[:, None, None])
+    taken = (in_runs > kth[:, None, None]) | (equal & ((run_index < source[:, None, None]) | from_source))
+    return tl.reshape(taken, keys.shape)
+
+
 @triton.jit
 def top_keys(keys, K: tl.constexpr, KP: tl.constexpr, VALUE_BITS: tl.constexpr, GATHER: tl.constexpr,
              RUN: tl.constexpr):

@@ -5,6 +5,7 @@ import triton.language as tl
 
 from moe_lbl.kernels.topk_router_details._common import (
     LOG2E,
+    NO_VALUE,
     SIGMOID_EPS,
     above_keys,
     cast_to,
@@ -16,6 +17,7 @@ from moe_lbl.kernels.topk_router_details._common import (
     log,
     max_key,
     merge_runs,
+    merge_values,
     no_key,
     round_to,
     row_max,
@@ -25,39 +27,78 @@ from moe_lbl.kernels.topk_router_details._common import (
     sort_key,
     sorted_runs,
     top_keys,
+    top_mask,
+    value_key,
+    value_of,
 )
 
 
 @triton.jit
 def _group_mask(keys, G, K: tl.constexpr, GROUP_TOPK: tl.constexpr, BLOCK_G: tl.constexpr, RUN: tl.constexpr,
-                KEY_BITS: tl.constexpr, ROUND_GROUP: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+                KEY_BITS: tl.constexpr, VALUE_KEYS: tl.constexpr, ROUND_GROUP: tl.constexpr, DTYPE: tl.constexpr,
+                INTERPRETED: tl.constexpr):
     """Keep the keys of each row's GROUP_TOPK best groups, a group scored by the sum of its top
     K // GROUP_TOPK values (Megatron's group-limited routing); the rest become no_key. Returns
-    the masked keys and their sorted_runs (RUN divides a group: a run is one group's)."""
+    the masked keys and their sorted_runs (RUN divides a group: a run is one group's). Value
+    keys (VALUE_KEYS) may repeat: a round drops every head equal to the largest, and its value is
+    added once per drop still wanted, one addition at a time as for distinct keys."""
+    PER_GROUP: tl.constexpr = K // GROUP_TOPK
     run = sorted_runs(keys, RUN, min(RUN, K))
     RUNS: tl.constexpr = keys.shape[2] // RUN  # per group
     in_group = ()
     for i in tl.static_range(len(run)):
         in_group = in_group + (tl.reshape(run[i], [keys.shape[0], BLOCK_G, RUNS]),)
-    best = max_key(in_group[0], 2, KEY_BITS)
-    group_score = key_value(best, KEY_BITS)
-    for r in tl.static_range(1, K // GROUP_TOPK):
-        in_group = shift_runs(in_group, in_group[0] == best[:, :, None], K // GROUP_TOPK - r, KEY_BITS)
-        best = max_key(in_group[0], 2, KEY_BITS)
-        group_score += key_value(best, KEY_BITS)
+    group_score = tl.zeros([keys.shape[0], BLOCK_G], tl.float32)
+    added = tl.zeros([keys.shape[0], BLOCK_G], tl.int32)
+    for r in tl.static_range(PER_GROUP):
+        if VALUE_KEYS:
+            best = tl.max(in_group[0], 2)
+            popped = in_group[0] == best[:, :, None]
+            value = value_of(best)
+            count = tl.sum(popped.to(tl.int32), 2)
+            for j in tl.static_range(PER_GROUP - r):
+                group_score += tl.where((j < count) & (added + j < PER_GROUP), value, 0.0)
+            added += count
+        else:
+            best = max_key(in_group[0], 2, KEY_BITS)
+            popped = in_group[0] == best[:, :, None]
+            group_score += key_value(best, KEY_BITS)
+        if r + 1 < PER_GROUP:
+            in_group = shift_runs(in_group, popped, PER_GROUP - r - 1, 16 if VALUE_KEYS else KEY_BITS)
     if ROUND_GROUP:
         group_score = round_to(group_score, DTYPE, INTERPRETED)
     g2 = tl.arange(0, BLOCK_G)[None, :]
-    group_keys = sort_key(group_score, g2, g2 < G, KEY_BITS)
-    best = max_key(group_keys, 1, KEY_BITS)
+    GROUP_BITS: tl.constexpr = 32 if VALUE_KEYS else KEY_BITS  # fp32 group scores of fp32 values
+    group_keys = sort_key(group_score, g2, g2 < G, GROUP_BITS)
+    best = max_key(group_keys, 1, GROUP_BITS)
     for _ in tl.static_range(1, GROUP_TOPK):
-        best = max_key(tl.where(group_keys < best[:, None], group_keys, no_key(KEY_BITS)), 1, KEY_BITS)
+        best = max_key(tl.where(group_keys < best[:, None], group_keys, no_key(GROUP_BITS)), 1, GROUP_BITS)
     kept = (group_keys >= best[:, None])[:, :, None]
+    if VALUE_KEYS:
+        empty = NO_VALUE
+    else:
+        empty = no_key(KEY_BITS)
     masked_run = ()
     for i in tl.static_range(len(run)):
-        masked = tl.where(kept, tl.reshape(run[i], [keys.shape[0], BLOCK_G, RUNS]), no_key(KEY_BITS))
+        masked = tl.where(kept, tl.reshape(run[i], [keys.shape[0], BLOCK_G, RUNS]), empty)
         masked_run = masked_run + (tl.reshape(masked, [keys.shape[0], BLOCK_G * RUNS]),)
-    return tl.where(kept, keys, no_key(KEY_BITS)), masked_run
+    return tl.where(kept, keys, empty), masked_run
+
+
+@triton.jit
+def _select_key(value, index, ok, SELECT_BITS: tl.constexpr, VALUE_KEYS: tl.constexpr):
+    if VALUE_KEYS:
+        return value_key(value, ok)
+    else:
+        return sort_key(value, index, ok, SELECT_BITS)
+
+
+@triton.jit
+def _select_value(key, SELECT_BITS: tl.constexpr, VALUE_KEYS: tl.constexpr):
+    if VALUE_KEYS:
+        return value_of(key)
+    else:
+        return key_value(key, SELECT_BITS)
 
 
 @triton.jit
@@ -95,13 +136,15 @@ def router_forward(
     for block in range(pid, tl.cdiv(num_tokens, BLOCK_T), tl.num_programs(0)):
         rows, row_ok, ok, x = load_rows(logits_ptr, block, num_tokens, stride_t, expert, col_ok, BLOCK_T,
                                         NAN_TO_INF=True)
-        # Scores that choose the experts, as Megatron compares them, as unique sort keys. After
-        # softmax the logits themselves choose: their largest key gives the row's largest logit.
+        # Scores that choose the experts, as Megatron compares them, as unique sort keys (fp32
+        # scores where only the set is wanted: value keys). After softmax the logits themselves
+        # choose: their largest key gives the row's largest logit.
         POST_SOFTMAX: tl.constexpr = SOFTMAX and not PRE_SOFTMAX
+        VALUE_KEYS: tl.constexpr = SELECT_BITS == 32 and not WRITE_SPARSE
         if POST_SOFTMAX:
-            all_keys = sort_key(x, expert, col_ok, SELECT_BITS)
+            all_keys = _select_key(x, expert, col_ok, SELECT_BITS, VALUE_KEYS)
             first_of_all = row_max(all_keys)
-            row_max_x = key_value(first_of_all, SELECT_BITS)
+            row_max_x = _select_value(first_of_all, SELECT_BITS, VALUE_KEYS)
         else:
             row_max_x = row_max(x)
         shifted = tl.exp2(x * LOG2E - (row_max_x * LOG2E)[:, None, None])
@@ -109,34 +152,40 @@ def router_forward(
         inv_denominator = 1.0 / denominator
         if PRE_SOFTMAX:
             select = round_to(shifted * inv_denominator[:, None, None], DTYPE, INTERPRETED)
-            all_keys = sort_key(select, expert, col_ok, SELECT_BITS)
+            all_keys = _select_key(select, expert, col_ok, SELECT_BITS, VALUE_KEYS)
         if not SOFTMAX:
             scores = round_to(sigmoid(x), DTYPE, INTERPRETED)
-            if HAS_BIAS:
-                all_keys = sort_key(scores + bias, expert, col_ok, SELECT_BITS)  # fp32, as in Megatron
+            if HAS_BIAS:  # fp32, as in Megatron
+                all_keys = _select_key(scores + bias, expert, col_ok, SELECT_BITS, VALUE_KEYS)
             else:
-                all_keys = sort_key(scores, expert, col_ok, SELECT_BITS)
+                all_keys = _select_key(scores, expert, col_ok, SELECT_BITS, VALUE_KEYS)
         # Runs of a thread's consecutive experts: those of one load of the logits (16 bytes, or
         # what divides a group of experts).
         RUN: tl.constexpr = min(128 // DTYPE.primitive_bitwidth, GS & -GS, BLOCK_G * BLOCK_GS)
         if GROUP_TOPK > 0:
-            keys, run = _group_mask(all_keys, G, K, GROUP_TOPK, BLOCK_G, RUN, SELECT_BITS, not HAS_BIAS, DTYPE,
-                                    INTERPRETED)
+            keys, run = _group_mask(all_keys, G, K, GROUP_TOPK, BLOCK_G, RUN, SELECT_BITS, VALUE_KEYS, not HAS_BIAS,
+                                    DTYPE, INTERPRETED)
         else:
             keys, run = all_keys, sorted_runs(all_keys, RUN, min(RUN, K))
         if POST_SOFTMAX and GROUP_TOPK == 0:
             first = first_of_all
         else:
             first = row_max(keys)
-        top, kth = merge_runs(run, K, KP, SELECT_BITS, WRITE_SPARSE)
         valid = row_ok
         if HAS_PADDING:
             valid = valid & (tl.load(padding_ptr + rows, mask=row_ok, other=1) == 0)
-        if COMPUTE_STATS and not HAS_PADDING:
-            # Rows past the end choose nothing (they are never stored; their normalizers are 1, not
-            # 1 / 0): then one comparison marks the chosen experts for the map and the counts.
-            kth = tl.where(valid, kth, above_keys(SELECT_BITS))
-        taken = keys >= kth[:, None, None]
+        # Rows past the end choose nothing (they are never stored; their normalizers are 1, not
+        # 1 / 0): then the chosen experts mark the map and the counts alike.
+        if VALUE_KEYS:
+            kth, source, given = merge_values(run, K)
+            taken = top_mask(keys, kth, source, given, RUN)
+            if COMPUTE_STATS and not HAS_PADDING:
+                taken = taken & valid[:, None, None]
+        else:
+            top, kth = merge_runs(run, K, KP, SELECT_BITS, WRITE_SPARSE)
+            if COMPUTE_STATS and not HAS_PADDING:
+                kth = tl.where(valid, kth, above_keys(SELECT_BITS))
+            taken = keys >= kth[:, None, None]
 
         if WRITE_DENSE:
             # Probabilities of the chosen experts, zero elsewhere, as Megatron computes them; the
@@ -148,7 +197,7 @@ def router_forward(
                     probs = tl.where(taken, select, 0.0)  # the rounded softmax
                 else:  # softmax over the chosen logits, shifted by the largest chosen one
                     if GROUP_TOPK > 0:
-                        chosen_exp = exp(x - key_value(first, SELECT_BITS)[:, None, None])
+                        chosen_exp = exp(x - _select_value(first, SELECT_BITS, VALUE_KEYS)[:, None, None])
                     else:
                         chosen_exp = shifted  # the largest chosen logit is the row's largest
                     normalizer = 1.0 / tl.where(row_ok, row_sum(tl.where(taken, chosen_exp, 0.0)), 1.0)
@@ -203,7 +252,10 @@ def router_forward(
             # Padding tokens count nothing: no key reaches their threshold, their scores weigh 0.
             counted = taken
             if HAS_PADDING:
-                counted = keys >= tl.where(valid, kth, above_keys(SELECT_BITS))[:, None, None]
+                if VALUE_KEYS:
+                    counted = taken & valid[:, None, None]
+                else:
+                    counted = keys >= tl.where(valid, kth, above_keys(SELECT_BITS))[:, None, None]
             # The aux-loss scores of compute_routing_scores_for_aux_loss, their sums and top-k.
             if SOFTMAX:
                 score_sum += shifted * tl.where(valid, inv_denominator, 0.0)[:, None, None]
@@ -212,16 +264,21 @@ def router_forward(
                 aux = round_to(scores * (1.0 / total)[:, None, None], DTYPE, INTERPRETED)
                 score_sum += aux * valid.to(tl.float32)[:, None, None]
             if SEPARATE_AUX_TOPK:
-                # No bias here: keys of logits-dtype values.
+                # No bias here: keys of logits-dtype values (value keys for fp32: only counted).
+                AUX_VALUE_KEYS: tl.constexpr = VALUE_KEYS if POST_SOFTMAX else LOGIT_BITS == 32
                 if POST_SOFTMAX:  # softmax keeps the logits' order: rank the logits themselves
                     aux_keys = all_keys
                 elif SOFTMAX:
-                    aux_keys = sort_key(x, expert, col_ok, LOGIT_BITS)
+                    aux_keys = _select_key(x, expert, col_ok, LOGIT_BITS, AUX_VALUE_KEYS)
                 else:
-                    aux_keys = sort_key(aux, expert, col_ok, LOGIT_BITS)
-                _, aux_kth = top_keys(aux_keys, K, KP, LOGIT_BITS, False, RUN)
-                aux_kth = tl.where(valid, aux_kth, above_keys(LOGIT_BITS))
-                count_aux += (aux_keys >= aux_kth[:, None, None]).to(tl.int32)
+                    aux_keys = _select_key(aux, expert, col_ok, LOGIT_BITS, AUX_VALUE_KEYS)
+                if AUX_VALUE_KEYS:
+                    aux_kth, aux_source, aux_given = merge_values(sorted_runs(aux_keys, RUN, min(RUN, K)), K)
+                    aux_taken = top_mask(aux_keys, aux_kth, aux_source, aux_given, RUN) & valid[:, None, None]
+                else:
+                    _, aux_kth = top_keys(aux_keys, K, KP, LOGIT_BITS, False, RUN)
+                    aux_taken = aux_keys >= tl.where(valid, aux_kth, above_keys(LOGIT_BITS))[:, None, None]
+                count_aux += aux_taken.to(tl.int32)
                 count_dispatch += counted.to(tl.int32)
             else:
                 count_aux += counted.to(tl.int32)

@@ -196,19 +196,39 @@ def test_backward_matches_float64_autograd(c, outputs, device):
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=rtol, atol=atol * float(x64.grad.abs().max()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("score,pre", [("softmax", False), ("softmax", True), ("sigmoid", False)])
-def test_exact_ties_break_toward_the_lower_index(dtype, score, pre, device, poisoned):
-    g = torch.Generator().manual_seed(7)
-    logits = torch.randint(-4, 5, (300, 16), generator=g).to(dtype)  # small integers: many exact ties
-    out = fused_topk_router(logits.to(device), 4, score_function=score, use_pre_softmax=pre, launch=launch_for(device))
-    ref = reference_routing(logits, 4, score_function=score, use_pre_softmax=pre)
-    assert torch.equal(out.topk_indices.cpu().long(), ref.indices)
-    aux_map = torch.zeros(300, 16, dtype=torch.bool).scatter(1, ref.aux_indices, True)
+def assert_ties_routed_as_reference(out, ref, T, E):
+    """The selection of ref (ties toward the lower index): in order where topk_indices tell it,
+    else as the map; the aux top-k counts alike."""
+    if out.topk_indices is not None:
+        assert torch.equal(out.topk_indices.cpu().long(), ref.indices)
+    if out.routing_map is not None:
+        assert torch.equal(out.routing_map.cpu(), torch.zeros(T, E, dtype=torch.bool).scatter(1, ref.indices, True))
+    aux_map = torch.zeros(T, E, dtype=torch.bool).scatter(1, ref.aux_indices, True)
     assert torch.equal(out.stats.aux_counts.cpu(), aux_map.sum(0))
 
 
-def test_exact_ties_of_biased_scores_and_group_scores_break_toward_the_lower_index(device, poisoned):
+# Dense outputs alone select fp32 scores by value keys (no index in the key, ties resolved by the
+# merge's order), sparse ones by (value, index) keys: both must break ties alike.
+TIE_OUTPUTS = [pytest.param(dict(dense=True, sparse=True), id="sparse"),
+               pytest.param(dict(dense=True, sparse=False), id="dense")]
+
+
+@pytest.mark.parametrize("outputs", TIE_OUTPUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("score,pre,groups", [("softmax", False, None), ("softmax", True, None),
+                                              ("sigmoid", False, None), ("softmax", False, (4, 2))])
+def test_exact_ties_break_toward_the_lower_index(dtype, score, pre, groups, outputs, device, poisoned):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randint(-4, 5, (300, 16), generator=g).to(dtype)  # small integers: many exact ties
+    routing = dict(score_function=score, use_pre_softmax=pre, num_groups=groups and groups[0],
+                   group_topk=groups and groups[1])
+    out = fused_topk_router(logits.to(device), 4, launch=launch_for(device), **outputs, **routing)
+    ref = reference_routing(logits, 4, **routing)
+    assert_ties_routed_as_reference(out, ref, 300, 16)
+
+
+@pytest.mark.parametrize("outputs", TIE_OUTPUTS)
+def test_exact_ties_of_biased_scores_and_group_scores_break_toward_the_lower_index(outputs, device, poisoned):
     """fp32 selection keys (bf16 sigmoid + an fp32 bias, exact sums here) and group scores, with
     many exact ties inside and across each thread's run of experts."""
     g = torch.Generator().manual_seed(8)
@@ -217,10 +237,8 @@ def test_exact_ties_of_biased_scores_and_group_scores_break_toward_the_lower_ind
     routing = dict(score_function="sigmoid", num_groups=8, group_topk=4, expert_bias=bias)
     ref = reference_routing(logits, 8, **routing)
     out = fused_topk_router(logits.to(device), 8, **{**routing, "expert_bias": bias.to(device)},
-                            launch=launch_for(device))
-    assert torch.equal(out.topk_indices.cpu().long(), ref.indices)
-    aux_map = torch.zeros(300, 64, dtype=torch.bool).scatter(1, ref.aux_indices, True)
-    assert torch.equal(out.stats.aux_counts.cpu(), aux_map.sum(0))
+                            launch=launch_for(device), **outputs)
+    assert_ties_routed_as_reference(out, ref, 300, 64)
 
 
 def test_results_are_deterministic(device):
