@@ -216,13 +216,21 @@ def check_ties(cuda: bool, seed: int) -> str:
     g = torch.Generator().manual_seed(seed)
     logits = torch.randint(-4, 5, (97, 16), generator=g).float()
     for score, pre in (("softmax", False), ("softmax", True), ("sigmoid", False)):
-        with poisoned():
-            out = fused_topk_router(logits.to("cuda" if cuda else "cpu"), 4, score_function=score,
-                                    use_pre_softmax=pre, launch=_launch(cuda))
         ref = reference_routing(logits, 4, score_function=score, use_pre_softmax=pre)
-        if not torch.equal(out.topk_indices.cpu().long(), ref.indices):
-            raise AssertionError(f"{score}{' pre' if pre else ''}: ties broken otherwise than toward the lower index")
-    return f"seed {seed}; softmax, pre-softmax and sigmoid"
+        # With topk_indices fp32 scores are chosen by (value, index) keys; by value keys without.
+        for sparse in (True, False):
+            with poisoned():
+                out = fused_topk_router(logits.to("cuda" if cuda else "cpu"), 4, score_function=score,
+                                        use_pre_softmax=pre, sparse=sparse, launch=_launch(cuda))
+            if sparse:
+                chosen, want = out.topk_indices.cpu().long(), ref.indices
+            else:
+                chosen = out.routing_map.cpu()
+                want = torch.zeros(97, 16, dtype=torch.bool).scatter(1, ref.indices, True)
+            if not torch.equal(chosen, want):
+                raise AssertionError(f"{score}{' pre' if pre else ''}{'' if sparse else ' (dense)'}: ties broken "
+                                     "otherwise than toward the lower index")
+    return f"seed {seed}; softmax, pre-softmax and sigmoid, sparse and dense"
 
 
 def check_nan_rows(cuda: bool, seed: int) -> str:
