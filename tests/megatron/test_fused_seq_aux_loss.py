@@ -6,6 +6,7 @@ gradient (the per-sequence loss's included) and Megatron's logged seq_load_balan
 micro-batches of [s, b] tokens with b > 1, so that a sequence's tokens interleave with the others'.
 """
 
+import contextlib
 from typing import NamedTuple
 
 import pytest
@@ -112,3 +113,31 @@ def test_the_seq_aux_loss_part_of_the_gradient_is_megatrons(megatron_world, mega
             ROUTERS[name] = (config, options)
     assert float(parts[False].abs().max()) > 1e-5
     torch.testing.assert_close(parts[True], parts[False], rtol=0, atol=1e-2 * float(parts[False].abs().max()))
+
+
+@pytest.mark.parametrize("name", ["sigmoid-bias-groups-seq", "softmax-seq-global-padding"])
+def test_the_fused_seq_aux_loss_reads_nothing_on_the_host(megatron_world, megatron_features, name):
+    """What a CUDA graph needs: after a first eager call (the first-use check reads the host),
+    forward and backward with seq_aux_loss wait for no result on the host. (A loss that took
+    its token count with .item() would fail here.)"""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from tests.helpers.graphs import SyncGuard
+
+    requirements(name, megatron_features)
+    config, options = ROUTERS[name]
+    E = config["num_experts"]
+    g = torch.Generator().manual_seed(11)
+    moe_lbl.patch_megatron(kernels=True, **options)
+    try:
+        router = build_router(**config)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([0.5]))
+        for guarded in (False, True):
+            x = torch.randn(7, 3, E, generator=g).requires_grad_()
+            padding = {"padding_mask": torch.rand(7, 3, generator=g) < 0.25} if "padding" in name else {}
+            with SyncGuard() if guarded else contextlib.nullcontext():
+                probs, _ = router.routing(x, **padding)
+                probs.sum().backward()
+            assert x.grad is not None
+    finally:
+        moe_lbl.unpatch_megatron()
