@@ -68,18 +68,19 @@ class Config:
     group_topk: Optional[int] = None
     expert_bias: bool = False
     sequences: Optional[int] = None  # per-sequence statistics (seq_aux_loss) of this many sequences
+    z_loss: bool = True
 
     def run(self, tokens: int = TOKENS) -> None:
         """Forward with statistics, backward from the probs with balancing and z-loss gradients
-        (and the per-sequence balancing gradient, with sequences)."""
+        (the z-loss's only with z_loss; and the per-sequence balancing gradient, with sequences)."""
         meta = torch.device("meta")
         logits = torch.empty(tokens, self.experts, dtype=DTYPES[self.dtype], device=meta, requires_grad=True)
         bias = torch.empty(self.experts, device=meta) if self.expert_bias else None
         out = fused_topk_router(
             logits, self.topk, score_function=self.score_function, use_pre_softmax=self.use_pre_softmax,
             num_groups=self.num_groups, group_topk=self.group_topk, expert_bias=bias,
-            dense=True, sparse=False, sequences=self.sequences)
-        outputs = [out.probs, out.stats.score_sums, out.stats.z_sum]
+            dense=True, sparse=False, sequences=self.sequences, compute_z=self.z_loss)
+        outputs = [out.probs, out.stats.score_sums] + [out.stats.z_sum] * self.z_loss
         if self.sequences:
             outputs.append(out.stats.sequence_score_sums)
         torch.autograd.backward(outputs, [torch.empty_like(t) for t in outputs])
@@ -99,6 +100,9 @@ CONFIGS = [
            expert_bias=True),
     Config("E256-k8-sigmoid-bias-groups8x4-seq4", 256, 8, score_function="sigmoid", num_groups=8, group_topk=4,
            expert_bias=True, sequences=4),
+    # DeepSeek-V3's recipe: seq_aux_loss and no z-loss.
+    Config("E256-k8-sigmoid-bias-groups8x4-seq4-noz", 256, 8, score_function="sigmoid", num_groups=8,
+           group_topk=4, expert_bias=True, sequences=4, z_loss=False),
     Config("E64-k2-pre-fp32", 64, 2, dtype="fp32", use_pre_softmax=True),
     Config("E512-k8", 512, 8),
     Config("E2048-k16", 2048, 16),

@@ -64,7 +64,8 @@ class RouterStats:
     dispatch_counts: tokens per expert of the routing map (int64 [E]);
     score_sums: per-expert sums of the aux scores (fp32 [E]; differentiable);
     valid_tokens: non-padding tokens (int64 scalar tensor);
-    z_sum: sum of logsumexp(logits)^2 over valid tokens (fp32 scalar tensor; differentiable);
+    z_sum: sum of logsumexp(logits)^2 over valid tokens (fp32 scalar tensor; differentiable), or
+        None where the call did not compute it (compute_z=False);
     sequence_aux_counts, sequence_score_sums: aux_counts and score_sums per sequence (int64 and
         fp32 [S, E]; the second differentiable), where the call named S sequences, else None.
     """
@@ -73,7 +74,7 @@ class RouterStats:
     dispatch_counts: torch.Tensor
     score_sums: torch.Tensor
     valid_tokens: torch.Tensor
-    z_sum: torch.Tensor
+    z_sum: Optional[torch.Tensor]
     sequence_aux_counts: Optional[torch.Tensor] = None
     sequence_score_sums: Optional[torch.Tensor] = None
 
@@ -132,12 +133,12 @@ class _FusedTopKRouter(torch.autograd.Function):
     asked for); probs, topk_probs, score_sums, z_sum and sequence score sums are differentiable."""
 
     @staticmethod
-    def forward(ctx, logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse, sequences, launch,
-                registration):
+    def forward(ctx, logits, expert_bias, padding_mask, spec, compute_stats, compute_z, dense, sparse, sequences,
+                launch, registration):
         routing = routing_args(spec, launch)
         r = registration
         outputs = torch.ops.moe_lbl.topk_router_forward(
-            logits, expert_bias, padding_mask, *routing, compute_stats, dense, sparse, sequences,
+            logits, expert_bias, padding_mask, *routing, compute_stats, compute_z, dense, sparse, sequences,
             *((r.counters, r.tags, r.slot, r.sequence, r.batch, r.in_forward) if r is not None
               else (None, None, None, None, None, False)))
         _, routing_map, topk_indices, _, counts, _, valid_tokens, _, sequence_counts, _ = outputs
@@ -157,7 +158,7 @@ class _FusedTopKRouter(torch.autograd.Function):
             logits, routing_map, topk_indices, padding_mask, _contiguous(grad_probs), _contiguous(grad_topk_probs),
             _contiguous(grad_score_sums, torch.float32), _contiguous(grad_z_sum, torch.float32),
             _contiguous(grad_sequence_scores, torch.float32), *ctx.routing)
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 def _contiguous(tensor: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
@@ -179,6 +180,7 @@ def fused_topk_router(
     expert_bias: Optional[torch.Tensor] = None,
     padding_mask: Optional[torch.Tensor] = None,
     compute_stats: bool = True,
+    compute_z: bool = True,
     dense: bool = True,
     sparse: bool = True,
     sequences: Optional[int] = None,
@@ -191,10 +193,12 @@ def fused_topk_router(
     always). padding_mask: [T] bool, True for padding tokens (excluded from the statistics).
     probs, topk_probs and the statistics score_sums and z_sum are differentiable: whatever
     gradients reach them when backward runs, one kernel turns into the logits gradient.
-    expert_bias is used with sigmoid only. sequences (with compute_stats): the tokens are laid out
-    [s, sequences], as Megatron's [s, b] (token t of sequence t % sequences); the statistics then
-    also hold the aux counts and score sums of each sequence (seq_aux_loss). registration (with
-    compute_stats): where the statistics also register the micro-batch with a balancing engine.
+    expert_bias is used with sigmoid only. compute_z=False (with compute_stats): no z_sum, and no
+    logsumexp per token (a run without z-loss). sequences (with compute_stats): the tokens are
+    laid out [s, sequences], as Megatron's [s, b] (token t of sequence t % sequences); the
+    statistics then also hold the aux counts and score sums of each sequence (seq_aux_loss).
+    registration (with compute_stats): where the statistics also register the micro-batch with a
+    balancing engine.
     """
     _check_logits(logits)
     spec = RoutingSpec(logits.shape[1], topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
@@ -212,8 +216,8 @@ def fused_topk_router(
     # As Megatron: the expert bias only adds to sigmoid scores, in fp32.
     expert_bias = _contiguous(expert_bias, torch.float32) if score_function == "sigmoid" else None
     (probs, routing_map, topk_indices, topk_probs, counts, score_sums, valid_tokens, z_sum, sequence_counts,
-     sequence_scores) = _FusedTopKRouter.apply(logits, expert_bias, padding_mask, spec, compute_stats, dense, sparse,
-                                               sequences or 0, launch or Launch(), registration)
+     sequence_scores) = _FusedTopKRouter.apply(logits, expert_bias, padding_mask, spec, compute_stats, compute_z, dense,
+                                               sparse, sequences or 0, launch or Launch(), registration)
     stats = RouterStats(counts[0], counts[1], score_sums, valid_tokens, z_sum, sequence_counts,
                         sequence_scores) if compute_stats else None
     return RouterOutput(probs, routing_map, topk_indices, topk_probs, stats)

@@ -115,7 +115,7 @@ def router_forward(
     SOFTMAX: tl.constexpr, PRE_SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_SCALING: tl.constexpr, LOGIT_BITS: tl.constexpr, SELECT_BITS: tl.constexpr,
     # what to compute
-    WRITE_DENSE: tl.constexpr, WRITE_SPARSE: tl.constexpr, COMPUTE_STATS: tl.constexpr,
+    WRITE_DENSE: tl.constexpr, WRITE_SPARSE: tl.constexpr, COMPUTE_STATS: tl.constexpr, COMPUTE_Z: tl.constexpr,
     SEPARATE_AUX_TOPK: tl.constexpr, PER_SEQUENCE: tl.constexpr,
     # tiles
     BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, KP: tl.constexpr,
@@ -282,8 +282,9 @@ def router_forward(
                 count_dispatch += counted.to(tl.int32)
             else:
                 count_aux += counted.to(tl.int32)
-            lse = row_max_x + log(denominator, INTERPRETED)
-            z_sum += tl.where(valid, lse * lse, 0.0)
+            if COMPUTE_Z:  # else the z partials stay 0, and no one reads their sum
+                lse = row_max_x + log(denominator, INTERPRETED)
+                z_sum += tl.where(valid, lse * lse, 0.0)
             valid_count += valid.to(tl.int32)
 
     if COMPUTE_STATS and PER_SEQUENCE:

@@ -107,8 +107,8 @@ class _ForwardPlan:
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def of(num_experts, topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor, block_t,
-           num_programs, num_warps, dtype, has_bias, has_padding, compute_stats, dense, sparse, per_sequence,
-           register, in_forward, sequence, batch) -> "_ForwardPlan":
+           num_programs, num_warps, dtype, has_bias, has_padding, compute_stats, compute_z, dense, sparse,
+           per_sequence, register, in_forward, sequence, batch) -> "_ForwardPlan":
         spec = _spec(num_experts, topk, score_function, use_pre_softmax, num_groups, group_topk, scaling_factor)
         launch = _launch(block_t, num_programs, num_warps)
         tiles = _Tiles.of(spec, launch)
@@ -123,7 +123,8 @@ class _ForwardPlan:
             PRE_SOFTMAX=bool(spec.use_pre_softmax), HAS_BIAS=use_bias, HAS_PADDING=has_padding,
             HAS_SCALING=bool(spec.scaling_factor), LOGIT_BITS=_VALUE_BITS[dtype],
             SELECT_BITS=32 if use_bias else _VALUE_BITS[dtype],  # bias promotes scores to fp32
-            WRITE_DENSE=dense, WRITE_SPARSE=sparse, COMPUTE_STATS=compute_stats, SEPARATE_AUX_TOPK=separate_aux,
+            WRITE_DENSE=dense, WRITE_SPARSE=sparse, COMPUTE_STATS=compute_stats,
+            COMPUTE_Z=compute_stats and compute_z, SEPARATE_AUX_TOPK=separate_aux,
             PER_SEQUENCE=per_sequence, **tiles.constexprs())
         block_e = min(_STATISTICS_BLOCK_E, _power_of_2(num_experts))
         statistics = dict(E=num_experts, SEPARATE_AUX_TOPK=separate_aux, PER_SEQUENCE=per_sequence, BLOCK_P=8,
@@ -143,20 +144,20 @@ def _aligned_programs(programs: int, block_t: int, sequences: int) -> int:
 
 
 def _forward(logits, expert_bias, padding_mask, topk, score_function, use_pre_softmax, num_groups, group_topk,
-             scaling_factor, block_t, num_programs, num_warps, compute_stats, dense, sparse, sequences, counters, tags,
-             slot, sequence, batch, in_forward, launches=True):
+             scaling_factor, block_t, num_programs, num_warps, compute_stats, compute_z, dense, sparse, sequences,
+             counters, tags, slot, sequence, batch, in_forward, launches=True):
     """(probs, routing_map, topk_indices, topk_probs, counts [2, E] (aux, dispatched), score_sums,
     valid_tokens, z_sum, sequence counts [S, E] (aux), sequence score sums [S, E]), None where not
-    asked for (the sequence statistics: with compute_stats and sequences S > 0, tokens laid out
-    [s, S]); with counters, the statistics kernel also fills a balancing engine's registration
-    (see router_statistics). launches: whether to launch (or record) the kernels, or only
-    allocate the outputs."""
+    asked for (z_sum: with compute_stats and compute_z; the sequence statistics: with
+    compute_stats and sequences S > 0, tokens laid out [s, S]); with counters, the statistics
+    kernel also fills a balancing engine's registration (see router_statistics). launches:
+    whether to launch (or record) the kernels, or only allocate the outputs."""
     num_tokens, num_experts = logits.shape
     per_sequence = compute_stats and sequences > 0
     plan = _ForwardPlan.of(num_experts, topk, score_function, use_pre_softmax, num_groups, group_topk,
                            scaling_factor, block_t, num_programs, num_warps, logits.dtype, expert_bias is not None,
-                           padding_mask is not None, compute_stats, dense, sparse, per_sequence, counters is not None,
-                           in_forward, sequence is not None, batch is not None)
+                           padding_mask is not None, compute_stats, compute_z, dense, sparse, per_sequence,
+                           counters is not None, in_forward, sequence is not None, batch is not None)
     k, device = plan.spec.topk, logits.device
     probs = _empty((num_tokens, num_experts), logits.dtype, device) if dense else None
     routing_map = _empty((num_tokens, num_experts), torch.bool, device) if dense else None
@@ -198,7 +199,8 @@ def _forward(logits, expert_bias, padding_mask, topk, score_function, use_pre_so
                             partials[2].shape[0], max(1, sequences), counts, score_sums, z_sum, valid_tokens,
                             sequence_counts if per_sequence else counts, sequence_scores if per_sequence else counts,
                             *registration, **plan.statistics)
-        statistics = (counts, score_sums, valid_tokens, z_sum, sequence_counts, sequence_scores)
+        statistics = (counts, score_sums, valid_tokens, z_sum if compute_z else None, sequence_counts,
+                      sequence_scores)
     return (probs, routing_map, topk_indices, topk_probs, *statistics)
 
 
@@ -252,9 +254,9 @@ def _define(name: str, schema: str, implementation) -> None:
 
 
 _define("topk_router_forward",
-        f"(Tensor logits, Tensor? expert_bias, Tensor? padding_mask, {_ROUTING}, bool compute_stats, bool dense, "
-        "bool sparse, int sequences, Tensor(a!)? counters, Tensor? tags, Tensor(b!)? slot, Tensor(c!)? sequence, "
-        "Tensor(d!)? batch, bool in_forward) -> (" + ", ".join(["Tensor?"] * 10) + ")", _forward)
+        f"(Tensor logits, Tensor? expert_bias, Tensor? padding_mask, {_ROUTING}, bool compute_stats, bool compute_z, "
+        "bool dense, bool sparse, int sequences, Tensor(a!)? counters, Tensor? tags, Tensor(b!)? slot, "
+        "Tensor(c!)? sequence, Tensor(d!)? batch, bool in_forward) -> (" + ", ".join(["Tensor?"] * 10) + ")", _forward)
 _define("topk_router_backward",
         f"(Tensor logits, Tensor? routing_map, Tensor? topk_indices, Tensor? padding_mask, Tensor? grad_probs, "
         f"Tensor? grad_topk_probs, Tensor? grad_score_sums, Tensor? grad_z_sum, Tensor? grad_sequence_scores, "

@@ -107,7 +107,8 @@ def _kernel_call(router, layer: Layer, logits, padding_mask) -> KernelCall:
         score_function=router.score_function, use_pre_softmax=config.moe_router_pre_softmax,
         num_groups=config.moe_router_num_groups, group_topk=config.moe_router_group_topk,
         scaling_factor=config.moe_router_topk_scaling_factor, expert_bias=router.expert_bias,
-        padding_mask=padding_mask, compute_stats=training, dense=True, sparse=False, registration=registration)
+        padding_mask=padding_mask, compute_stats=training, compute_z=z_coeff is not None, dense=True, sparse=False,
+        registration=registration)
     shape = tuple(logits.shape[:-1])
     if seq_aux_coeff:  # Megatron's seq_aux_loss takes the logits as [s, b, E]: b sequences
         options["sequences"] = shape[1]

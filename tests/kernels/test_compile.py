@@ -21,7 +21,7 @@ class CompileCase(NamedTuple):
     routing: dict  # experts, topk and fused_topk_router's routing options (expert_bias: whether one)
     dtype: str  # of the logits
     tokens: int
-    outputs: dict  # dense, sparse, stats, padding, sequences (optional): what the forward computes
+    outputs: dict  # dense, sparse, stats, padding, sequences and z (optional): what the forward computes
     grads: dict  # probs, topk_probs, lbl (score_sums), z (z_sum), sequence (sequence_score_sums): what
     # reaches the backward
     registration: dict = None  # sequence, batch, in_forward: an engine's registration, filled by the statistics
@@ -41,12 +41,12 @@ CASES = [CompileCase(*case) for case in [
      dict(dense=True, sparse=True, stats=True, padding=False, sequences=11),
      dict(probs=True, topk_probs=True, lbl=True, sequence=True)),
     # Sigmoid with expert bias and groups (fp32 selection keys), scaling, padding, per-sequence
-    # statistics and their gradient alone (seq_aux_loss, DeepSeek-V3 style); registered without
-    # count sums, by a recomputation.
+    # statistics and their gradient alone, no z-loss (seq_aux_loss, DeepSeek-V3 style);
+    # registered without count sums, by a recomputation.
     (dict(experts=256, topk=8, score_function="sigmoid", num_groups=8, group_topk=4, expert_bias=True,
           scaling_factor=2.5), "bfloat16", 65536,
-     dict(dense=True, sparse=False, stats=True, padding=True, sequences=4),
-     dict(probs=True, sequence=True, z=True), dict(sequence=False, batch=False, in_forward=False)),
+     dict(dense=True, sparse=False, stats=True, padding=True, sequences=4, z=False),
+     dict(probs=True, sequence=True), dict(sequence=False, batch=False, in_forward=False)),
     # Sigmoid without bias on fp16, experts not a power of two, top-1; registered with the sum
     # over the sequence group.
     (dict(experts=60, topk=1, score_function="sigmoid"), "float16", 300,
@@ -116,7 +116,7 @@ def run_case(routing, dtype, tokens, outputs, grads, registration):
         logits, compute_stats=outputs["stats"], dense=outputs["dense"], sparse=outputs["sparse"],
         expert_bias=torch.empty(experts, device=meta) if routing.get("expert_bias") else None,
         padding_mask=torch.empty(tokens, dtype=torch.bool, device=meta) if outputs["padding"] else None,
-        sequences=outputs.get("sequences"), registration=registration, **options)
+        sequences=outputs.get("sequences"), compute_z=outputs.get("z", True), registration=registration, **options)
     loss = [getattr(out, name).float().sum() for name in ("probs", "topk_probs") if grads.get(name)]
     if grads.get("lbl"):
         loss.append(out.stats.score_sums.sum())

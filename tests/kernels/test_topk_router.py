@@ -241,6 +241,28 @@ def test_exact_ties_of_biased_scores_and_group_scores_break_toward_the_lower_ind
     assert_ties_routed_as_reference(out, ref, 300, 64)
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_without_the_z_loss_nothing_else_changes(score, device, poisoned):
+    """compute_z=False drops z_sum (and the logsumexp per token); every other output is the same,
+    and the backward of the rest is too."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(301, 24, generator=g)
+    padding = torch.rand(301, generator=g) < 0.2
+    runs = []
+    for compute_z in (True, False):
+        x = logits.to(device).requires_grad_()
+        out = fused_topk_router(x, 4, score_function=score, padding_mask=padding.to(device), compute_z=compute_z,
+                                launch=launch_for(device))
+        ((out.probs * torch.arange(24.0, device=device)).sum() + out.stats.score_sums.sum()).backward()
+        runs.append((out, x.grad))
+    (with_z, grad_with_z), (without_z, grad_without_z) = runs
+    assert with_z.stats.z_sum is not None and without_z.stats.z_sum is None
+    for name in ("aux_counts", "dispatch_counts", "score_sums", "valid_tokens"):
+        assert torch.equal(getattr(with_z.stats, name), getattr(without_z.stats, name)), name
+    assert torch.equal(with_z.probs, without_z.probs) and torch.equal(with_z.topk_indices, without_z.topk_indices)
+    assert torch.equal(grad_with_z, grad_without_z)
+
+
 def test_results_are_deterministic(device):
     logits = torch.randn(1000, 64).to(device)
     runs = [fused_topk_router(logits, 4, launch=launch_for(device)) for _ in range(2)]
