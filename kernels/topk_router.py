@@ -21,8 +21,11 @@ balancing loss whose weights depend on counts summed over ranks (an all-reduce l
 forward, waited for in backward) needs no other channel.
 
 Top-k: each score becomes a unique integer key, its order-preserving bits above the expert index,
-so a round is one max reduction and ties break toward the lower expert index (torch.topk promises
-no order among ties; on CPU it may pick the higher). Roundings follow Megatron: scores that
+and ties break toward the lower expert index (torch.topk promises no order among ties; on CPU it
+may pick the higher). Each thread sorts the keys it holds; k rounds then merge those runs, one
+reduction of their heads a round. fp32 scores that only choose a set (dense outputs, counts) use
+32-bit keys without the index, with the same tie order (_common.merge_values). Roundings follow
+Megatron: scores that
 Megatron holds in the logits dtype are rounded to it before they are compared or normalized, so
 bf16 routing matches Megatron's bf16 routing up to the experts chosen among exactly tied scores.
 
