@@ -80,7 +80,9 @@ class Config:
             logits, self.topk, score_function=self.score_function, use_pre_softmax=self.use_pre_softmax,
             num_groups=self.num_groups, group_topk=self.group_topk, expert_bias=bias,
             dense=True, sparse=False, sequences=self.sequences, compute_z=self.z_loss)
-        outputs = [out.probs, out.stats.score_sums] + [out.stats.z_sum] * self.z_loss
+        outputs = [out.probs, out.stats.score_sums]
+        if self.z_loss:
+            outputs.append(out.stats.z_sum)
         if self.sequences:
             outputs.append(out.stats.sequence_score_sums)
         torch.autograd.backward(outputs, [torch.empty_like(t) for t in outputs])

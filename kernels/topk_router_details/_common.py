@@ -118,6 +118,13 @@ def above_keys(VALUE_BITS: tl.constexpr):
 
 
 @triton.jit
+def _flip_negatives(bits):
+    """fp32 bits as an int32 ordered as the values (the magnitude bits of negatives flipped), and
+    back: the map is its own inverse."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def sort_key(value, index, ok, VALUE_BITS: tl.constexpr):
     """Unique integer keys ordered as (value, then lower index): one reduction per top-k round.
 
@@ -129,8 +136,7 @@ def sort_key(value, index, ok, VALUE_BITS: tl.constexpr):
     """
     bits = value.to(tl.int32, bitcast=True)
     if VALUE_BITS == 32:
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key = (ordered.to(tl.int64) << INDEX_BITS) | (index ^ INDEX_MASK).to(tl.int64)
+        key = (_flip_negatives(bits).to(tl.int64) << INDEX_BITS) | (index ^ INDEX_MASK).to(tl.int64)
     else:  # the low 32 - VALUE_BITS >= INDEX_BITS bits are zero, kept so by the flip: the index goes there
         key = (bits ^ ((bits >> 31) & (0x7FFFFFFF & (-1 << (32 - VALUE_BITS))))) | (index ^ INDEX_MASK)
     return tl.where(ok, key, no_key(VALUE_BITS))
@@ -145,8 +151,7 @@ def key_index(key):
 def key_value(key, VALUE_BITS: tl.constexpr):
     """The fp32 value a sort_key was made from."""
     if VALUE_BITS == 32:
-        ordered = (key >> INDEX_BITS).to(tl.int32)
-        bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+        bits = _flip_negatives((key >> INDEX_BITS).to(tl.int32))
     else:
         ordered = key & (-1 << (32 - VALUE_BITS))
         bits = ordered ^ ((ordered >> 31) & (0x7FFFFFFF & (-1 << (32 - VALUE_BITS))))
@@ -255,14 +260,13 @@ NO_VALUE = tl.constexpr(-(1 << 31))  # below every value key (the key of no fp32
 def value_key(value, ok):
     """fp32 values as order-preserving int32 keys (magnitude flipped for negatives); NO_VALUE
     outside `ok`."""
-    bits = value.to(tl.int32, bitcast=True)
-    return tl.where(ok, bits ^ ((bits >> 31) & 0x7FFFFFFF), NO_VALUE)
+    return tl.where(ok, _flip_negatives(value.to(tl.int32, bitcast=True)), NO_VALUE)
 
 
 @triton.jit
 def value_of(key):
     """The fp32 value of a value_key."""
-    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return _flip_negatives(key).to(tl.float32, bitcast=True)
 
 
 @triton.jit

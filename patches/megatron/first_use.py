@@ -129,7 +129,10 @@ def check(router, layer, call) -> Optional[Mismatch]:
         x_megatron = logits.clone().requires_grad_(call.training)
         want_probs, want_map = topk_routing_with_score_function(x_megatron, k, expert_bias=bias, **routing)
         aux_map, aux_scores = compute_routing_scores_for_aux_loss(x_megatron, k, options["score_function"])
-        want_score_sums = (aux_scores.float() * valid[:, None]).sum(0)
+        valid_scores = aux_scores.float() * valid[:, None]
+        want_score_sums = valid_scores.sum(0)
+        # Megatron's seq_aux_loss sums: tokens [s, sequences]
+        want_sequence_sums = valid_scores.reshape(num_tokens // sequences, sequences, -1).sum(0)
         want_z_sum = z_loss_func(x_megatron[valid], 1.0) * valid.sum()
 
     mismatch = _compare_routing(out.routing_map, want_map, probs, want_probs, call.dtype)
@@ -142,16 +145,13 @@ def check(router, layer, call) -> Optional[Mismatch]:
                     or _compare_close("score_sums", stats.score_sums, want_score_sums, tolerance)
                     or (stats.z_sum is not None and _compare_close("z_sum", stats.z_sum, want_z_sum, tolerance))
                     or _compare_registration(registration, stats))
-        if mismatch is None and stats.sequence_aux_counts is not None:  # Megatron's seq_aux_loss sums
-            per_sequence = (num_tokens // sequences, sequences, -1)
+        if mismatch is None and stats.sequence_aux_counts is not None:
+            want_counts = (aux_map & valid[:, None]).reshape(num_tokens // sequences, sequences, -1).sum(0)
             mismatch = (_compare_counts("sequence_aux_counts", stats.sequence_aux_counts.reshape(-1),
-                                        (aux_map & valid[:, None]).reshape(per_sequence).sum(0).reshape(-1))
-                        or _compare_close("sequence_score_sums", stats.sequence_score_sums,
-                                          (aux_scores.float() * valid[:, None]).reshape(per_sequence).sum(0),
+                                        want_counts.reshape(-1))
+                        or _compare_close("sequence_score_sums", stats.sequence_score_sums, want_sequence_sums,
                                           tolerance))
     if mismatch is None and call.training:
-        want_sequence_sums = (aux_scores.float() * valid[:, None]).reshape(
-            num_tokens // sequences, sequences, -1).sum(0)
         mismatch = _compare_gradients(call, out, x_kernels, probs, x_megatron, want_probs, want_score_sums,
                                       want_z_sum, want_sequence_sums, generator)
     return mismatch

@@ -144,7 +144,8 @@ def _fused_unsupported(router, logits, patch: live.LivePatch) -> Optional[str]:
     config = router.config
     if not patch.features.fused_routing:
         return f"megatron-core {patch.features.version} (the fused path needs 0.14 or newer)"
-    other_types = sorted(t for t in balancing_types(config) if t not in _FUSED_BALANCING_TYPES)
+    types = balancing_types(config)
+    other_types = sorted(t for t in types if t not in _FUSED_BALANCING_TYPES)
     if other_types:
         return f"{', '.join(other_types)} balancing"
     if router.score_function not in FUSED_SCORE_FUNCTIONS:
@@ -155,7 +156,7 @@ def _fused_unsupported(router, logits, patch: live.LivePatch) -> Optional[str]:
         return "moe_router_fusion (TransformerEngine's fused router) is on"
     if config.num_moe_experts > MAX_EXPERTS or router.topk > MAX_TOPK:
         return f"more than {MAX_EXPERTS} experts or top-k above {MAX_TOPK}"
-    if balancing_types(config).get("seq_aux_loss", 0.0) > 0 and logits.dim() != 3:
+    if types.get("seq_aux_loss", 0.0) > 0 and logits.dim() != 3:
         return f"seq_aux_loss on logits of shape {tuple(logits.shape)} (it needs Megatron's [s, b, E])"
     if logits.dtype not in SUPPORTED_DTYPES:
         return f"router logits in {logits.dtype}"
@@ -201,7 +202,7 @@ def _fused_routing(router, layer: Layer, call: KernelCall):
             load = _dispatched(routing_map, call.padding_mask)
         if call.training:  # the balancing loss (where it has a term) and Megatron's z-loss
             probs = layer.attach(probs, stats.score_sums, stats.aux_counts, stats.valid_tokens, load=load,
-                                 z_sum=None if call.z_coeff is None else stats.z_sum, z_coeff=call.z_coeff,
+                                 z_sum=stats.z_sum, z_coeff=call.z_coeff,  # z_sum only with a z-loss
                                  registration=registration)
             if call.seq_aux_coeff:
                 probs = _apply_seq_aux_loss(router, layer, call, probs, stats)

@@ -1,6 +1,20 @@
-"""Test helpers on a real Megatron-Core: the aux-loss tracker."""
+"""Test helpers on a real Megatron-Core: the aux-loss tracker, and what a patched router's
+micro-batch gives."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class MicroBatch(NamedTuple):
+    """One micro-batch through a router: its outputs, logits gradient and logged values."""
+
+    probs: torch.Tensor
+    routing_map: torch.Tensor
+    grad: torch.Tensor  # of the logits
+    tracker: dict  # Megatron's tracker values by name
 
 
 def _legacy_tracker() -> dict:

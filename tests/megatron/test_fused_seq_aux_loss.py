@@ -7,14 +7,13 @@ micro-batches of [s, b] tokens with b > 1, so that a sequence's tokens interleav
 """
 
 import contextlib
-from typing import NamedTuple
 
 import pytest
 import torch
 
 import moe_lbl
 from moe_lbl.demo.tiny_gpt import build_router
-from tests.helpers.megatron import take_tracker
+from tests.helpers.megatron import MicroBatch, take_tracker
 
 DEEPSEEK = dict(num_experts=16, topk=4, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                 moe_router_num_groups=4, moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5,
@@ -33,13 +32,6 @@ ROUTERS = {
                                         moe_router_load_balancing_type=["seq_aux_loss", "global_aux_loss"],
                                         moe_aux_loss_coeff=[0.1, 0.05]), dict(scope="global")),
 }
-
-
-class MicroBatch(NamedTuple):
-    probs: torch.Tensor
-    routing_map: torch.Tensor
-    grad: torch.Tensor
-    tracker: dict
 
 
 def run(name, kernels, logits, padding, weight) -> list:

@@ -11,7 +11,7 @@ import torch
 import moe_lbl
 from moe_lbl.demo.tiny_gpt import TinyGPT, build_gpt, build_router, forward_loss, synthetic_batches
 from moe_lbl.patches.megatron.layer import balancer_of
-from tests.helpers.megatron import take_tracker
+from tests.helpers.megatron import MicroBatch, take_tracker
 
 ROUTERS = {
     "softmax-top2-global-z": dict(num_experts=8, topk=2, moe_z_loss_coeff=1e-3),
@@ -26,13 +26,6 @@ ROUTERS = {
 SCOPES = {"softmax-top2-global-z": dict(scope="global"), "sigmoid-bias-groups-micro-z": dict(scope="micro"),
           "softmax-pre-hybrid-per-token": dict(scope="global", micro_coeff=1e-3),
           "softmax-capacity": dict(scope="global")}
-
-
-class MicroBatch(NamedTuple):
-    probs: torch.Tensor
-    routing_map: torch.Tensor
-    grad: torch.Tensor  # of the logits
-    tracker: dict  # Megatron's tracker values by name
 
 
 class Run(NamedTuple):
